@@ -1,0 +1,20 @@
+// The CPU launchers own the parallel split, but not the thread pool: the torch glue passes a
+// ParallelFor that runs on torch's intra-op pool (so torch.set_num_threads applies).
+// Launchers choose their split from the problem shape only, never from the thread count, so
+// results are bitwise identical whatever the number of threads.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+
+namespace fastrlhf::kernels::cpu {
+
+using Body = std::function<void(int64_t begin, int64_t end)>;
+// Calls body on disjoint sub-ranges covering [0, n), each at least `grain` long (but the last).
+using ParallelFor = std::function<void(int64_t n, int64_t grain, const Body& body)>;
+
+inline void serial_for(int64_t n, int64_t /*grain*/, const Body& body) {
+  if (n > 0) body(0, n);
+}
+
+}  // namespace fastrlhf::kernels::cpu

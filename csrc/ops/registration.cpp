@@ -1,0 +1,66 @@
+// Every fastrlhf op schema, in one place, plus the pybind11 module fastrlhf._C (build info).
+// Backends add implementations with TORCH_LIBRARY_IMPL in csrc/ops/<op>_{cpu,cuda}.cpp; Python
+// adds fake (meta) implementations and autograd in python/fastrlhf/ops/.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+
+#include <thread>
+
+TORCH_LIBRARY(fastrlhf, m) {
+  // ---- advantages and returns (python/fastrlhf/ops/{gae,group_advantages,whiten,td}.py) ----
+  // rewards/values [B, T]; mask/dones [B, T] bool; last_values [B]  -> (advantages, returns)
+  m.def("gae(Tensor rewards, Tensor values, Tensor? mask, Tensor? dones, Tensor? last_values, "
+        "float gamma, float lam) -> (Tensor, Tensor)");
+  m.def("discounted_returns(Tensor rewards, Tensor? mask, Tensor? dones, float gamma) -> Tensor");
+  // scores [N], N = groups * group_size                                       -> advantages [N]
+  m.def("group_advantages(Tensor scores, int group_size, bool normalize_std, bool leave_one_out, "
+        "float eps) -> Tensor");
+  // x [...], mask like x  -> (whitened like x, mean [] fp32/fp64, rstd [] fp32/fp64)
+  m.def("whiten(Tensor x, Tensor? mask, bool shift_mean, bool unbiased, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  // rewards [...], next_q [..., A], dones [...] bool, next_actions [...] int64 -> targets [...]
+  m.def("td_targets(Tensor rewards, Tensor next_q, Tensor? dones, Tensor? next_actions, "
+        "float gamma) -> Tensor");
+  // q [..., A], actions [...] int64, targets [...]                           -> updated q [..., A]
+  m.def("q_update(Tensor q, Tensor actions, Tensor targets, float alpha) -> Tensor");
+}
+
+namespace py = pybind11;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastrlhf compiled kernels (ops are registered under torch.ops.fastrlhf)";
+  m.def("build_info", []() {
+    py::dict info;
+#if defined(FASTRLHF_WITH_CUDA)
+    info["with_cuda"] = true;
+    info["cuda_version"] = FASTRLHF_CUDA_VERSION;
+    info["cuda_archs"] = FASTRLHF_CUDA_ARCHS;
+#else
+    info["with_cuda"] = false;
+    info["cuda_version"] = py::none();
+    info["cuda_archs"] = "";
+#endif
+    info["torch_version"] = FASTRLHF_TORCH_VERSION;
+#if defined(FASTRLHF_CPU_ARCH)
+    info["cpu_arch"] = FASTRLHF_CPU_ARCH;
+#else
+    info["cpu_arch"] = "";
+#endif
+    py::list features;
+#if defined(__AVX2__)
+    features.append("avx2");
+#endif
+#if defined(__FMA__)
+    features.append("fma");
+#endif
+#if defined(__AVX512F__)
+    features.append("avx512f");
+#endif
+#if defined(__ARM_NEON)
+    features.append("neon");
+#endif
+    info["cpu_features"] = features;
+    info["compiler"] = __VERSION__;
+    return info;
+  }, "Dict describing how this extension was built (CUDA, archs, torch version, CPU features).");
+}

@@ -1,0 +1,27 @@
+"""fastrlhf.ops: the public functional API over the compiled kernels.
+
+Every op takes ``impl="auto" | "kernel" | "reference"``: ``auto`` runs the compiled kernel
+when the extension supports the device and dtype, else the pure-PyTorch reference in
+``fastrlhf.ops.reference``. ``FASTRLHF_FORCE_REFERENCE=1`` forces the reference everywhere.
+Inputs are validated here; errors name the argument and what was expected.
+"""
+
+from fastrlhf.ops import reference
+from fastrlhf.ops.gae import GAE, GAEOutput, discounted_returns, gae
+from fastrlhf.ops.group_advantages import GroupAdvantages, group_advantages
+from fastrlhf.ops.td_targets import q_update, td_targets
+from fastrlhf.ops.whiten import Whiten, whiten
+
+__all__ = [
+    "reference",
+    "gae",
+    "GAE",
+    "GAEOutput",
+    "discounted_returns",
+    "group_advantages",
+    "GroupAdvantages",
+    "whiten",
+    "Whiten",
+    "td_targets",
+    "q_update",
+]

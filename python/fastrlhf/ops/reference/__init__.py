@@ -1,0 +1,12 @@
+"""Pure-PyTorch references of every fastrlhf op: the oracle in tests and a baseline in bench.
+
+They favour clarity over speed (loops where the math is a recurrence) and accumulate in fp32
+(fp64 for fp64 inputs), like the kernels. Each takes already-validated arguments.
+"""
+
+from fastrlhf.ops.reference.gae import discounted_returns, gae
+from fastrlhf.ops.reference.group_advantages import group_advantages
+from fastrlhf.ops.reference.td_targets import q_update, td_targets
+from fastrlhf.ops.reference.whiten import whiten
+
+__all__ = ["gae", "discounted_returns", "group_advantages", "whiten", "td_targets", "q_update"]

@@ -1,0 +1,30 @@
+"""Reference masked whitening (statistics over valid elements only)."""
+
+from __future__ import annotations
+
+import torch
+
+from fastrlhf.ops.reference._acc import acc_dtype
+
+
+def whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor | None = None,  # bool, like x
+    *,
+    shift_mean: bool = True,
+    unbiased: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Differentiable through autograd (it is made of torch ops)."""
+    xa = x.to(acc_dtype(x.dtype))
+    valid = mask if mask is not None else torch.ones_like(x, dtype=torch.bool)
+    m = valid.to(xa.dtype)
+    n = m.sum()
+    mean = (xa * m).sum() / n.clamp(min=1)
+    sq = (((xa - mean) * m) ** 2).sum()
+    denom = n - 1 if unbiased else n
+    var = torch.where(denom > 0, sq / denom.clamp(min=1), torch.zeros_like(sq))
+    y = (xa - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        y = y + mean
+    return torch.where(valid, y, torch.zeros_like(y)).to(x.dtype)
