@@ -1,0 +1,156 @@
+"""Shared benchmark harness: timing (median of repeats), the machine's own memory bandwidth,
+result tables and files under bench/results/.
+
+Every bench script: ``python bench/<op>.py [--quick] [--device cpu|cuda] [--repeat N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (seconds): proves the script runs")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    p.add_argument("--repeat", type=int, default=None, help="timed repeats per provider (median reported)")
+    p.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    return p
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_fn(fn: Callable[[], object], device: str, *, repeat: int, min_time: float = 0.0,
+            max_time: float = 10.0) -> float:
+    """Median wall time in seconds of ``fn()`` over ``repeat`` runs after one warm-up run.
+    Slow providers stop early once ``max_time`` seconds have been spent (at least 2 runs)."""
+    fn()
+    sync(device)
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < repeat or spent < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        dt = time.perf_counter() - t0
+        times.append(dt)
+        spent += dt
+        if spent > max_time and len(times) >= 2:
+            break
+    return statistics.median(times)
+
+
+def measure_bandwidth(device: str, *, quick: bool) -> float:
+    """Copy bandwidth in GB/s (bytes read + bytes written per second), median of 5 copies of a
+    1 GiB buffer (64 MiB with --quick): the ceiling for memory-bound kernels on this machine."""
+    n = (64 if quick else 1024) * 2**20 // 4
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, repeat=3 if quick else 5)
+    del src, dst
+    return 2 * n * 4 / t / 1e9
+
+
+def matmul_gflops(device: str, *, quick: bool) -> float:
+    """fp32 GEMM throughput (GFLOP/s) of a square matmul: the compute ceiling."""
+    n = 512 if quick else 2048
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, n, device=device)
+    t = time_fn(lambda: a @ b, device, repeat=3)
+    return 2 * n**3 / t / 1e9
+
+
+@dataclass
+class Row:
+    op: str
+    shape: str
+    dtype: str
+    provider: str
+    ms: float
+    gbps: float | None = None  # effective bandwidth: bytes the op must move / time
+    frac_bw: float | None = None  # gbps / measured copy bandwidth
+    speedup: float | None = None  # baseline time / this time (baseline named in `vs`)
+    vs: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def machine_info(device: str) -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+    }
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name()
+    try:
+        import fastrlhf
+
+        info["fastrlhf_build"] = fastrlhf.build_info()
+    except Exception as exc:  # the bench still reports the baselines
+        info["fastrlhf_build"] = str(exc)
+    return info
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ["op", "shape", "dtype", "provider", "ms", "GB/s", "%bw", "speedup"]
+    lines = [head]
+    for r in rows:
+        lines.append([
+            r.op, r.shape, r.dtype, r.provider, f"{r.ms:.3f}",
+            "" if r.gbps is None else f"{r.gbps:.1f}",
+            "" if r.frac_bw is None else f"{100 * r.frac_bw:.0f}%",
+            "" if r.speedup is None else f"{r.speedup:.1f}x vs {r.vs}",
+        ])
+    widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
+    out = []
+    for j, l in enumerate(lines):
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(l, widths)))
+        if j == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def report(name: str, rows: list[Row], args, context: dict) -> dict:
+    """Print the table and (unless --no-save / --quick) write bench/results/<name>-<device>.json."""
+    result = {"bench": name, "quick": args.quick, "device": args.device, "context": context,
+              "machine": machine_info(args.device), "rows": [asdict(r) for r in rows]}
+    print(f"\n== {name} on {args.device} ({result['machine']['processor']}, "
+          f"{result['machine']['torch_threads']} threads) ==")
+    for k, v in context.items():
+        print(f"   {k}: {v}")
+    print(format_table(rows))
+    if not args.no_save and not args.quick:
+        os.makedirs(RESULTS_DIR, exist_ok=True)
+        kind = "cpu" if args.device == "cpu" else "cuda"
+        path = os.path.join(RESULTS_DIR, f"{name}-{kind}.json")
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"   wrote {os.path.relpath(path)}")
+    return result
+
+
+def add_speedups(rows: list[Row], baseline: str) -> None:
+    """Fill ``speedup`` of each row relative to the ``baseline`` provider of the same op/shape/dtype."""
+    base = {(r.op, r.shape, r.dtype): r.ms for r in rows if r.provider == baseline}
+    for r in rows:
+        b = base.get((r.op, r.shape, r.dtype))
+        if b is not None and r.provider != baseline:
+            r.speedup, r.vs = b / r.ms, baseline
