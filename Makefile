@@ -1,0 +1,44 @@
+# fastrlhf: the two commands of README.md, plus helpers.
+#   make test   create .venv if missing, install torch + build tools, build the extension, run pytest
+#   make demo   the main job (until the trainers land: the advantage-kernel benchmarks)
+#   make bench  every benchmark, one table (writes bench/results/)
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_VERSION ?= 2.14.1
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.fastrlhf-deps-$(TORCH_VERSION)
+
+.PHONY: all venv build test test-cuda demo bench clean
+
+all: test
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "cmake>=3.26" numpy "pytest>=8" "hypothesis>=6"
+	touch $@
+
+venv: $(STAMP)
+
+# Incremental: scikit-build-core keeps its CMake build tree under build/.
+build: $(STAMP)
+	$(PIP) install -q --no-build-isolation -e .
+	$(PY) -c "import fastrlhf, json; print('fastrlhf build:', json.dumps(fastrlhf.build_info()))"
+
+test: build
+	$(PY) -m pytest -q
+
+test-cuda: build
+	$(PY) -m pytest -q -m cuda
+
+demo: build
+	@echo "fastrlhf demo: the RLHF loop (trainers) is not built yet; running the advantage-kernel"
+	@echo "benchmarks instead (kernel vs the PyTorch code trainers use, one table)."
+	$(PY) bench/all.py
+
+bench: build
+	$(PY) bench/all.py
+
+clean:
+	rm -rf build .pytest_cache .hypothesis
