@@ -38,11 +38,12 @@ struct State {
 };
 
 // One step of the recurrence, branch-free. Returns the output for step t (0 if invalid).
+// A done step selects instead of multiplying by 0, so a NaN/Inf after an episode end never
+// leaks into the finished episode.
 template <typename A>
 FRL_HD A step(State<A>& s, A r, A v, bool valid, bool done, A gamma, A gamma_lam) {
-  const A keep = done ? A(0) : A(1);
-  const A delta = r + gamma * keep * s.nv - v;
-  const A adv = delta + gamma_lam * keep * s.adv;
+  const A delta = (done ? r : r + gamma * s.nv) - v;
+  const A adv = done ? delta : delta + gamma_lam * s.adv;
   s.adv = valid ? adv : s.adv;
   s.nv = valid ? v : s.nv;
   return valid ? adv : A(0);
@@ -55,6 +56,11 @@ template <typename A>
 struct Map {
   A c_adv, m_adv, m_nv, p, q;
 };
+
+// a * b, except that an exact 0 coefficient yields 0 even when b is NaN/Inf: a 0 in a map
+// means "does not depend on" (an episode end cuts the dependency), not a number to multiply.
+template <typename A>
+FRL_HD A mul0(A a, A b) { return a == A(0) ? A(0) : a * b; }
 
 template <typename A>
 FRL_HD Map<A> identity_map() { return Map<A>{A(0), A(1), A(0), A(0), A(1)}; }
@@ -70,16 +76,16 @@ FRL_HD Map<A> step_map(A r, A v, bool valid, bool done, A gamma, A gamma_lam) {
 // for [j, k). The scan runs right to left, so `right` is applied to the state first.
 template <typename A>
 FRL_HD Map<A> compose(const Map<A>& left, const Map<A>& right) {
-  return Map<A>{left.c_adv + left.m_adv * right.c_adv + left.m_nv * right.p,
-                left.m_adv * right.m_adv,
-                left.m_adv * right.m_nv + left.m_nv * right.q,
-                left.p + left.q * right.p,
-                left.q * right.q};
+  return Map<A>{left.c_adv + mul0(left.m_adv, right.c_adv) + mul0(left.m_nv, right.p),
+                mul0(left.m_adv, right.m_adv),
+                mul0(left.m_adv, right.m_nv) + mul0(left.m_nv, right.q),
+                left.p + mul0(left.q, right.p),
+                mul0(left.q, right.q)};
 }
 
 template <typename A>
 FRL_HD State<A> apply(const Map<A>& m, const State<A>& s) {
-  return State<A>{m.c_adv + m.m_adv * s.adv + m.m_nv * s.nv, m.p + m.q * s.nv};
+  return State<A>{m.c_adv + mul0(m.m_adv, s.adv) + mul0(m.m_nv, s.nv), m.p + mul0(m.q, s.nv)};
 }
 
 }  // namespace fastrlhf::kernels::gae

@@ -1,6 +1,8 @@
 // Group-relative advantages (GRPO, Dr. GRPO, RLOO) over consecutive groups of scores.
 //
 // For a group x_1..x_G with mean m and unbiased standard deviation s (s = 0 when G = 1):
+// (computed on x - x_1, which the result does not depend on: a constant group gives exactly 0
+// even when its mean is not representable)
 //   baseline  = m                          (GRPO, Dr. GRPO)
 //             = (sum - x_i) / (G - 1)      (RLOO, leave_one_out; x_i - baseline = G/(G-1) (x_i - m))
 //   advantage = (x_i - baseline) / (s + eps)   if normalize_std   else   x_i - baseline

@@ -143,10 +143,11 @@ void scan_rows8_avx2(const Params& p, int64_t b, State<float>* st, int64_t t_lo,
     if constexpr (kD) db = load_block(p.dones + o + t, T);
     for (int i = 7; i >= 0; --i) {
       const __m256 vt = kV ? vb.v[i] : zero;
-      const __m256 g = kD ? _mm256_andnot_ps(db.v[i], gamma) : gamma;  // 0 where done
-      const __m256 gl = kD ? _mm256_andnot_ps(db.v[i], gamma_lam) : gamma_lam;
-      const __m256 delta = _mm256_sub_ps(_mm256_fmadd_ps(g, nv, rb.v[i]), vt);
-      const __m256 a = _mm256_fmadd_ps(gl, adv, delta);
+      __m256 boot = _mm256_fmadd_ps(gamma, nv, rb.v[i]);
+      if constexpr (kD) boot = _mm256_blendv_ps(boot, rb.v[i], db.v[i]);  // done: no bootstrap
+      const __m256 delta = _mm256_sub_ps(boot, vt);
+      __m256 a = _mm256_fmadd_ps(gamma_lam, adv, delta);
+      if constexpr (kD) a = _mm256_blendv_ps(a, delta, db.v[i]);
       if constexpr (kM) {
         const __m256 valid = mb.v[i];
         adv = _mm256_blendv_ps(adv, a, valid);

@@ -19,16 +19,17 @@ void run(const Params& p, const cpu::ParallelFor& parallel_for) {
     for (int64_t g = g0; g < g1; ++g) {
       const S* x = x_all + g * G;
       S* out = out_all + g * G;
+      const A x0 = load<A>(x);  // shift: statistics of x - x0
       A sum = 0;
-      for (int64_t i = 0; i < G; ++i) sum += load<A>(x + i);
+      for (int64_t i = 0; i < G; ++i) sum += load<A>(x + i) - x0;
       const A mean = sum / A(G);
       A sq = 0;
       for (int64_t i = 0; i < G; ++i) {
-        const A d = load<A>(x + i) - mean;
+        const A d = (load<A>(x + i) - x0) - mean;
         sq += d * d;
       }
       const A scale = output_scale(sq, G, p.normalize_std, p.leave_one_out, eps);
-      for (int64_t i = 0; i < G; ++i) store(out + i, (load<A>(x + i) - mean) * scale);
+      for (int64_t i = 0; i < G; ++i) store(out + i, ((load<A>(x + i) - x0) - mean) * scale);
     }
   });
 }

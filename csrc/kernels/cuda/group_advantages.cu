@@ -18,17 +18,18 @@ __global__ void __launch_bounds__(kWarps * 32) group_kernel(Params p) {
   const S* x = static_cast<const S*>(p.scores) + g * G;
   S* out = static_cast<S*>(p.out) + g * G;
 
+  const A x0 = cuda::load<A>(x);  // shift: statistics of x - x0
   A sum = 0;
-  for (int64_t i = lane; i < G; i += 32) sum += cuda::load<A>(x + i);
+  for (int64_t i = lane; i < G; i += 32) sum += cuda::load<A>(x + i) - x0;
   const A mean = cuda::warp_sum(sum) / A(G);
   A sq = 0;
   for (int64_t i = lane; i < G; i += 32) {
-    const A dv = cuda::load<A>(x + i) - mean;
+    const A dv = (cuda::load<A>(x + i) - x0) - mean;
     sq += dv * dv;
   }
   sq = cuda::warp_sum(sq);
   const A scale = output_scale(sq, G, p.normalize_std, p.leave_one_out, A(p.eps));
-  for (int64_t i = lane; i < G; i += 32) cuda::store(out + i, (cuda::load<A>(x + i) - mean) * scale);
+  for (int64_t i = lane; i < G; i += 32) cuda::store(out + i, ((cuda::load<A>(x + i) - x0) - mean) * scale);
 }
 
 }  // namespace

@@ -30,9 +30,9 @@ def gae(
     )
     adv = torch.zeros(B, T, dtype=acc, device=r.device)
     for t in reversed(range(T)):
-        keep = (~done[:, t]).to(acc)  # 0 where the episode ends after step t
-        delta = r[:, t] + gamma * keep * next_value - v[:, t]
-        a = delta + gamma * lam * keep * next_adv
+        d = done[:, t]  # the episode ends after step t: nothing flows back across it
+        delta = torch.where(d, r[:, t], r[:, t] + gamma * next_value) - v[:, t]
+        a = torch.where(d, delta, delta + gamma * lam * next_adv)
         m = valid[:, t]
         adv[:, t] = torch.where(m, a, 0.0)
         next_adv = torch.where(m, a, next_adv)

@@ -17,6 +17,11 @@ def group_advantages(
 ) -> torch.Tensor:
     G = group_size
     x = scores.to(acc_dtype(scores.dtype)).view(-1, G)  # (n_groups, G)
+    if x.numel() == 0:
+        return scores.clone()
+    # advantages depend only on differences: shifting by the first sample keeps a constant
+    # group exactly 0 even when its mean is not representable
+    x = x - x[:, :1]
     if leave_one_out:
         baseline = (x.sum(dim=1, keepdim=True) - x) / (G - 1)  # mean of the other G-1 samples
     else:

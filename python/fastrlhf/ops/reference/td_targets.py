@@ -19,8 +19,9 @@ def td_targets(
     q = next_q.to(acc)
     if next_actions is None:  # Q-learning: max_a' Q(s', a')
         nxt = q.max(dim=-1).values
-    else:  # SARSA: Q(s', a') of the action actually taken next
-        nxt = q.gather(-1, next_actions.unsqueeze(-1)).squeeze(-1)
+    else:  # SARSA: Q(s', a') of the action actually taken next (not read at done steps)
+        taken = next_actions if dones is None else torch.where(dones, 0, next_actions)
+        nxt = q.gather(-1, taken.unsqueeze(-1)).squeeze(-1)
     r = rewards.to(acc)
     y = r + gamma * nxt
     if dones is not None:

@@ -18,10 +18,10 @@ def whiten(
     """Differentiable through autograd (it is made of torch ops)."""
     xa = x.to(acc_dtype(x.dtype))
     valid = mask if mask is not None else torch.ones_like(x, dtype=torch.bool)
-    m = valid.to(xa.dtype)
-    n = m.sum()
-    mean = (xa * m).sum() / n.clamp(min=1)
-    sq = (((xa - mean) * m) ** 2).sum()
+    zero = torch.zeros_like(xa)
+    n = valid.sum().to(xa.dtype)
+    mean = torch.where(valid, xa, zero).sum() / n.clamp(min=1)  # masked NaN/Inf never enter
+    sq = torch.where(valid, (xa - mean) ** 2, zero).sum()
     denom = n - 1 if unbiased else n
     var = torch.where(denom > 0, sq / denom.clamp(min=1), torch.zeros_like(sq))
     y = (xa - mean) * torch.rsqrt(var + eps)
