@@ -55,6 +55,39 @@ def time_fn(fn: Callable[[], object], device: str, *, repeat: int, min_time: flo
     return statistics.median(times)
 
 
+def _rss_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_memory(fn: Callable[[], object], device: str) -> float:
+    """Peak memory (bytes) allocated while running ``fn`` once, above what was live before.
+    CUDA: torch.cuda.max_memory_allocated. CPU: the process's peak resident set (VmHWM, reset
+    through /proc/self/clear_refs) minus the resident set before; large tensors are mmapped and
+    returned to the OS when freed, so this tracks tensor memory. Returns NaN where unsupported."""
+    import gc
+
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - before)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return float("nan")
+    before = _rss_bytes("VmRSS:")
+    fn()
+    return float(_rss_bytes("VmHWM:") - before)
+
+
 def measure_bandwidth(device: str, *, quick: bool) -> float:
     """Copy bandwidth in GB/s (bytes read + bytes written per second), median of 5 copies of a
     1 GiB buffer (64 MiB with --quick): the ceiling for memory-bound kernels on this machine."""
@@ -110,7 +143,7 @@ def machine_info(device: str) -> dict:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["op", "shape", "dtype", "provider", "ms", "GB/s", "%bw", "speedup"]
+    head = ["op", "shape", "dtype", "provider", "ms", "GB/s", "%bw", "speedup", "mem"]
     lines = [head]
     for r in rows:
         lines.append([
@@ -118,6 +151,7 @@ def format_table(rows: list[Row]) -> str:
             "" if r.gbps is None else f"{r.gbps:.1f}",
             "" if r.frac_bw is None else f"{100 * r.frac_bw:.0f}%",
             "" if r.speedup is None else f"{r.speedup:.1f}x vs {r.vs}",
+            f"{r.extra['mem_x']:.2f}x logits" if "mem_x" in r.extra else "",
         ])
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
     out = []

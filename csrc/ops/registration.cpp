@@ -23,6 +23,20 @@ TORCH_LIBRARY(fastrlhf, m) {
         "float gamma) -> Tensor");
   // q [..., A], actions [...] int64, targets [...]                           -> updated q [..., A]
   m.def("q_update(Tensor q, Tensor actions, Tensor targets, float alpha) -> Tensor");
+
+  // ---- fused log-probs (python/fastrlhf/ops/token_logprobs.py, linear_token_logprobs.py) ----
+  // logits [N, V], tokens [N] int64 -> (logprobs [N], entropy [N], lse [N]) in fp32 (fp64 for fp64)
+  m.def("token_logprobs(Tensor logits, Tensor tokens, float temperature) -> (Tensor, Tensor, Tensor)");
+  // -> grad_logits [N, V] in the logits dtype
+  m.def("token_logprobs_backward(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, "
+        "Tensor tokens, Tensor lse, Tensor entropy, float temperature) -> Tensor");
+  // hidden [N, H], weight [V, H], tokens [N], bias [V] -> (logprobs, entropy, lse), all [N]
+  m.def("linear_token_logprobs(Tensor hidden, Tensor weight, Tensor tokens, Tensor? bias, "
+        "float temperature, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or [0] without bias)
+  m.def("linear_token_logprobs_backward(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor hidden, "
+        "Tensor weight, Tensor tokens, Tensor? bias, Tensor lse, Tensor entropy, float temperature, "
+        "int chunk_size) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace py = pybind11;

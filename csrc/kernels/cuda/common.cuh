@@ -55,6 +55,21 @@ __device__ __forceinline__ A block_sum(A v, A* smem) {
   return warp_sum(v);
 }
 
+// Block-wide max (NaN-ignoring, like fmax) under the same rules as block_sum.
+template <typename A>
+__device__ __forceinline__ A block_max(A v, A* smem) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, n_warps = blockDim.x >> 5;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = lane < n_warps ? smem[lane] : A(-INFINITY);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
 inline unsigned ceil_div(int64_t a, int64_t b) { return unsigned((a + b - 1) / b); }
 
 }  // namespace fastrlhf::kernels::cuda

@@ -11,6 +11,8 @@ from fastrlhf.ops.gae import GAE, GAEOutput, discounted_returns, gae
 from fastrlhf.ops.group_advantages import GroupAdvantages, group_advantages
 from fastrlhf.ops.td_targets import q_update, td_targets
 from fastrlhf.ops.whiten import Whiten, whiten
+from fastrlhf.ops.token_logprobs import TokenLogprobs, token_logprobs
+from fastrlhf.ops.linear_token_logprobs import LinearTokenLogprobs, linear_token_logprobs
 
 __all__ = [
     "reference",
@@ -24,4 +26,8 @@ __all__ = [
     "Whiten",
     "td_targets",
     "q_update",
+    "token_logprobs",
+    "TokenLogprobs",
+    "linear_token_logprobs",
+    "LinearTokenLogprobs",
 ]

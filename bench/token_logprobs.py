@@ -1,0 +1,126 @@
+"""token_logprobs / linear_token_logprobs: the fused fastrlhf kernels vs the eager PyTorch
+composition trainers use (fp32 log_softmax + gather; linear -> log_softmax -> gather),
+torch.compile of that composition, and the reference. Time forward, backward and both, and
+peak extra memory (``mem_x`` = peak / size of the [N, V] logits in their dtype).
+Bandwidth for token_logprobs fwd+bwd: the logits are read twice and dlogits written once."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import _harness as H
+
+import fastrlhf
+
+
+def eager_logprobs(logits, tokens):
+    """What TRL/OpenRLHF do: log_softmax in fp32, then gather."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def eager_linear_logprobs(hidden, weight, tokens):
+    return eager_logprobs(hidden @ weight.T, tokens)
+
+
+def compiled(fn):
+    try:
+        c = torch.compile(fn, dynamic=False)
+        return c
+    except Exception:  # no compiler toolchain on this machine
+        return None
+
+
+def fwd_bwd(f, inputs, grad_seed=0):
+    """Returns callables: forward only (no grad), forward+backward."""
+    g = torch.Generator().manual_seed(grad_seed)
+
+    def fwd():
+        with torch.no_grad():
+            return f(*inputs)
+
+    def full():
+        for x in inputs:
+            if x.is_floating_point():
+                x.grad = None
+        out = f(*inputs)
+        out.backward(torch.ones_like(out))
+        return out
+
+    return fwd, full
+
+
+def main(argv=None) -> dict:
+    args = H.parser(__doc__.splitlines()[0]).parse_args(argv)
+    dev = args.device
+    repeat = args.repeat or (2 if args.quick else 5)
+    bw = H.measure_bandwidth(dev, quick=args.quick)
+    rows: list[H.Row] = []
+    dtypes = [torch.float32] if dev == "cpu" else [torch.bfloat16, torch.float32]
+
+    # ---- token_logprobs ----
+    N, V = (256, 4096) if args.quick else (4096, 32000)
+    for dtype in dtypes:
+        dn = str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
+        logits = torch.randn(N, V, device=dev, dtype=dtype).requires_grad_()
+        tokens = torch.randint(0, V, (N,), device=dev)
+        providers = {
+            "kernel": lambda l, t: fastrlhf.ops.token_logprobs(l, t, impl="kernel"),
+            "eager": eager_logprobs,
+            "reference": lambda l, t: fastrlhf.ops.token_logprobs(l, t, impl="reference"),
+        }
+        if not args.quick:
+            c = compiled(eager_logprobs)
+            if c is not None:
+                providers["compile"] = c
+        want = eager_logprobs(logits.detach(), tokens)
+        logits_bytes = logits.numel() * logits.element_size()
+        for name, f in list(providers.items()):
+            fwd, full = fwd_bwd(f, (logits, tokens))
+            try:
+                err = (fwd().float() - want).abs().max().item()
+            except Exception as exc:  # e.g. torch.compile without a working C++ toolchain
+                print(f"   provider {name} skipped: {type(exc).__name__}: {exc}".splitlines()[0])
+                continue
+            if not err < 2e-2:
+                raise AssertionError(f"token_logprobs provider {name} differs by {err}")
+            t_f = H.time_fn(fwd, dev, repeat=repeat)
+            t_full = H.time_fn(full, dev, repeat=repeat)
+            mem = H.peak_memory(full, dev)
+            gbps = 3 * logits_bytes / t_full / 1e9
+            rows.append(H.Row("token_logprobs fwd", f"{N}x{V}", dn, name, t_f * 1e3))
+            rows.append(H.Row("token_logprobs fwd+bwd", f"{N}x{V}", dn, name, t_full * 1e3, gbps, gbps / bw,
+                              extra={"peak_extra_bytes": mem, "mem_x": mem / logits_bytes}))
+
+    # ---- linear_token_logprobs ----
+    N, Hd, V = (256, 128, 2048) if args.quick else (4096, 1024, 32000)
+    for dtype in dtypes:
+        dn = str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
+        hidden = (torch.randn(N, Hd, device=dev, dtype=dtype) / Hd**0.5).requires_grad_()
+        weight = torch.randn(V, Hd, device=dev, dtype=dtype).requires_grad_()
+        tokens = torch.randint(0, V, (N,), device=dev)
+        providers = {
+            "kernel": lambda h, w, t: fastrlhf.ops.linear_token_logprobs(h, w, t, impl="kernel"),
+            "eager": eager_linear_logprobs,
+        }
+        want = eager_linear_logprobs(hidden.detach(), weight.detach(), tokens)
+        logits_bytes = N * V * hidden.element_size()
+        for name, f in providers.items():
+            fwd, full = fwd_bwd(f, (hidden, weight, tokens))
+            err = (fwd().float() - want).abs().max().item()
+            if not err < 5e-2 * max(1.0, want.abs().max().item()):
+                raise AssertionError(f"linear_token_logprobs provider {name} differs by {err}")
+            t_f = H.time_fn(fwd, dev, repeat=max(2, repeat // 2))
+            t_full = H.time_fn(full, dev, repeat=max(2, repeat // 2))
+            mem = H.peak_memory(full, dev)
+            rows.append(H.Row("linear_token_logprobs fwd", f"{N}x{Hd}x{V}", dn, name, t_f * 1e3))
+            rows.append(H.Row("linear_token_logprobs fwd+bwd", f"{N}x{Hd}x{V}", dn, name, t_full * 1e3,
+                              extra={"peak_extra_bytes": mem, "mem_x": mem / logits_bytes}))
+    H.add_speedups(rows, "eager")
+    return H.report("token_logprobs", rows, args, {"copy_bandwidth_GBps": round(bw, 1),
+                                                   "matmul_GFLOPs": round(H.matmul_gflops(dev, quick=args.quick), 1)})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

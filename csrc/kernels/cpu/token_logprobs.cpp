@@ -1,0 +1,114 @@
+// CPU launchers for token_logprobs (math in ../token_logprobs.h).
+#include <algorithm>
+#include <atomic>
+#include <limits>
+
+#include "../token_logprobs.h"
+
+namespace fastrlhf::kernels::token_logprobs {
+namespace {
+
+// Independent accumulator lanes per row: the lane loops vectorize (2 x 16-wide with
+// AVX-512), and the lanes keep fp32 sums short.
+constexpr int kLanes = 32;
+
+template <typename S, typename A>
+A row_max(const S* x, int64_t V, A inv_t) {
+  A m[kLanes];
+  for (int l = 0; l < kLanes; ++l) m[l] = -std::numeric_limits<A>::infinity();
+  int64_t j = 0;
+  for (; j + kLanes <= V; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const A v = load<A>(x + j + l) * inv_t;
+      m[l] = v > m[l] ? v : m[l];
+    }
+  }
+  for (int l = 0; j < V; ++j, ++l) {
+    const A v = load<A>(x + j) * inv_t;
+    m[l] = v > m[l] ? v : m[l];
+  }
+  A out = m[0];
+  for (int l = 1; l < kLanes; ++l) out = m[l] > out ? m[l] : out;
+  return out;
+}
+
+template <typename S, typename A>
+void row_sums(const S* x, int64_t V, A inv_t, A m, A& s_out, A& e_out) {
+  A s[kLanes] = {}, e[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= V; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const ExpTerm<A> t = exp_term(load<A>(x + j + l) * inv_t, m);
+      s[l] += t.ex;
+      e[l] += t.ex_d;
+    }
+  }
+  for (int l = 0; j < V; ++j, ++l) {
+    const ExpTerm<A> t = exp_term(load<A>(x + j) * inv_t, m);
+    s[l] += t.ex;
+    e[l] += t.ex_d;
+  }
+  s_out = 0, e_out = 0;
+  for (int l = 0; l < kLanes; ++l) s_out += s[l], e_out += e[l];
+}
+
+template <typename S>
+Status run(const Params& p, const cpu::ParallelFor& parallel_for) {
+  using A = acc_t<S>;
+  const A inv_t = A(p.inv_temperature);
+  std::atomic<bool> bad{false};
+  parallel_for(p.N, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const S* x = static_cast<const S*>(p.logits) + i * p.V;
+      const int64_t tok = p.tokens[i];
+      if (tok < 0 || tok >= p.V) {
+        bad = true;
+        continue;
+      }
+      const A m = row_max<S, A>(x, p.V, inv_t);
+      A s, e;
+      row_sums<S, A>(x, p.V, inv_t, m, s, e);
+      const RowResult<A> r = finalize(m, s, e, load<A>(x + tok) * inv_t);
+      static_cast<A*>(p.lse)[i] = r.lse;
+      static_cast<A*>(p.logprobs)[i] = r.logprob;
+      static_cast<A*>(p.entropy)[i] = r.entropy;
+    }
+  });
+  return bad ? Status::kIndexOutOfRange : Status::kOk;
+}
+
+template <typename S>
+Status run_backward(const BackwardParams& p, const cpu::ParallelFor& parallel_for) {
+  using A = acc_t<S>;
+  const A inv_t = A(p.inv_temperature);
+  parallel_for(p.N, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const S* x = static_cast<const S*>(p.logits) + i * p.V;
+      S* dx = static_cast<S*>(p.grad_logits) + i * p.V;
+      const A g = p.grad_logprobs ? static_cast<const A*>(p.grad_logprobs)[i] : A(0);
+      const A h = p.grad_entropy ? static_cast<const A*>(p.grad_entropy)[i] : A(0);
+      const A lse = static_cast<const A*>(p.lse)[i];
+      const A H = static_cast<const A*>(p.entropy)[i];
+      const int64_t tok = p.tokens[i];
+      for (int64_t j = 0; j < p.V; ++j) {
+        const A d = grad_element(load<A>(x + j) * inv_t, lse, H, g, h) + (j == tok ? g : A(0));
+        store(dx + j, d * inv_t);
+      }
+    }
+  });
+  return Status::kOk;
+}
+
+}  // namespace
+
+Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for) {
+  if (p.N == 0) return Status::kOk;
+  return dispatch_cpu(dtype, [&](auto s) { return run<decltype(s)>(p, parallel_for); });
+}
+
+Status launch_backward_cpu(const BackwardParams& p, DType dtype, const cpu::ParallelFor& parallel_for) {
+  if (p.N == 0) return Status::kOk;
+  return dispatch_cpu(dtype, [&](auto s) { return run_backward<decltype(s)>(p, parallel_for); });
+}
+
+}  // namespace fastrlhf::kernels::token_logprobs

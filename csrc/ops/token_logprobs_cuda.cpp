@@ -1,0 +1,35 @@
+// CUDA implementations of fastrlhf::token_logprobs and its backward.
+#include "cuda_utils.h"
+#include "token_logprobs.h"
+
+namespace fastrlhf::ops {
+namespace {
+
+std::tuple<Tensor, Tensor, Tensor> token_logprobs_cuda(const Tensor& logits, const Tensor& tokens,
+                                                       double temperature) {
+  CudaContext ctx(logits);
+  auto c = prepare_token_logprobs(logits, tokens, temperature);
+  check_cuda(k::token_logprobs::launch_cuda(c.params, c.dtype, ctx.stream), "token_logprobs");
+  return {c.logprobs, c.entropy, c.lse};
+}
+
+Tensor token_logprobs_backward_cuda(const std::optional<Tensor>& grad_logprobs,
+                                    const std::optional<Tensor>& grad_entropy, const Tensor& logits,
+                                    const Tensor& tokens, const Tensor& lse, const Tensor& entropy,
+                                    double temperature) {
+  CudaContext ctx(logits);
+  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
+                                           temperature);
+  check_cuda(k::token_logprobs::launch_backward_cuda(c.params, c.dtype, ctx.stream),
+             "token_logprobs_backward");
+  return c.grad_logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrlhf, CUDA, m) {
+  m.impl("token_logprobs", &token_logprobs_cuda);
+  m.impl("token_logprobs_backward", &token_logprobs_backward_cuda);
+}
+
+}  // namespace fastrlhf::ops

@@ -1,0 +1,124 @@
+"""Token log-probs (and entropies) straight from the last hidden states and the LM-head weight,
+never materializing the ``[N, V]`` logits.
+
+Rows are processed in chunks of ``chunk_size``: ``logits_c = hidden_c @ weight.T (+ bias)``
+(ATen matmul) feeds the fused :func:`~fastrlhf.ops.token_logprobs` kernel; only per-row
+log-sum-exp and entropy are kept. The backward recomputes each chunk's logits (one extra
+matmul, the price of never storing them), turns them into ``dlogits`` with the fused backward
+kernel and accumulates ``grad_hidden``, ``grad_weight`` (fp32 accumulator for 16-bit weights)
+and ``grad_bias``. Peak extra memory is about ``chunk_size x V`` logits instead of ``N x V``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastrlhf import _ext
+from fastrlhf.ops import reference
+from fastrlhf.ops._common import Impl, check_index, check_like, check_tensor, use_kernel
+from fastrlhf.ops.token_logprobs import _check_temperature
+
+DEFAULT_CHUNK_ELEMENTS = 1 << 23  # logits elements per chunk (32 MiB in fp32)
+
+
+def default_chunk_size(vocab_size: int) -> int:
+    return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
+
+
+def linear_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+    impl: Impl = "auto",
+):
+    """``hidden [..., H]``, ``weight [V, H]`` (``nn.Linear`` layout), ``tokens [...]`` ->
+    ``logprobs [...]`` (and ``entropy [...]``) in fp32 (fp64 for fp64), differentiable w.r.t.
+    ``hidden``, ``weight`` and ``bias``. Same semantics as
+    ``token_logprobs(hidden @ weight.T + bias, tokens)``."""
+    op = "linear_token_logprobs"
+    check_tensor(op, "hidden", hidden)
+    if hidden.dim() < 1:
+        raise ValueError(f"fastrlhf.ops.{op}: hidden must be [..., H], got {tuple(hidden.shape)}")
+    check_tensor(op, "weight", weight, ndim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"fastrlhf.ops.{op}: weight must be [V, H] with H = {hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"fastrlhf.ops.{op}: weight is on {weight.device} but hidden is on {hidden.device}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"fastrlhf.ops.{op}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if bias is not None:
+        check_tensor(op, "bias", bias)
+        check_like(op, "bias", bias, "weight[:, 0]", weight, shape=weight.shape[:1])
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"fastrlhf.ops.{op}: bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+    tokens = check_index(op, "tokens", tokens, "hidden[..., 0]", hidden, shape=hidden.shape[:-1])
+    temperature = _check_temperature(op, temperature)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.shape[0])
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"fastrlhf.ops.{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    if use_kernel(op, impl, hidden.device, hidden.dtype):
+        lead, H = hidden.shape[:-1], hidden.shape[-1]
+        lp, ent, _ = torch.ops.fastrlhf.linear_token_logprobs.default(
+            hidden.reshape(-1, H), weight, tokens.reshape(-1), bias, temperature, chunk_size
+        )
+        lp, ent = lp.view(lead), ent.view(lead)
+    else:
+        lp, ent = reference.linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature)
+    return (lp, ent) if return_entropy else lp
+
+
+class LinearTokenLogprobs(nn.Module):
+    """An LM head (``nn.Linear(H, V)`` parameters) that returns token log-probs instead of
+    logits: ``forward(hidden, tokens)``."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, bias: bool = False, temperature: float = 1.0,
+                 return_entropy: bool = False, chunk_size: int | None = None, impl: Impl = "auto"):
+        super().__init__()
+        lin = nn.Linear(hidden_size, vocab_size, bias=bias)
+        self.weight, self.bias = lin.weight, lin.bias
+        self.temperature, self.return_entropy, self.chunk_size, self.impl = temperature, return_entropy, chunk_size, impl
+
+    def forward(self, hidden: torch.Tensor, tokens: torch.Tensor):
+        return linear_token_logprobs(hidden, self.weight, tokens, bias=self.bias, temperature=self.temperature,
+                                     return_entropy=self.return_entropy, chunk_size=self.chunk_size, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        V, H = self.weight.shape
+        return f"hidden_size={H}, vocab_size={V}, bias={self.bias is not None}, temperature={self.temperature}"
+
+
+if _ext.extension_available():
+
+    @torch.library.register_fake("fastrlhf::linear_token_logprobs")
+    def _fake(hidden, weight, tokens, bias, temperature, chunk_size):
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        N = hidden.shape[0]
+        return tuple(hidden.new_empty((N,), dtype=acc) for _ in range(3))
+
+    @torch.library.register_fake("fastrlhf::linear_token_logprobs_backward")
+    def _backward_fake(grad_logprobs, grad_entropy, hidden, weight, tokens, bias, lse, entropy, temperature, chunk_size):
+        grad_bias = weight.new_empty(weight.shape[:1] if bias is not None else (0,))
+        return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
+
+    def _setup_context(ctx, inputs, output):
+        hidden, weight, tokens, bias, temperature, chunk_size = inputs
+        _, entropy, lse = output
+        ctx.save_for_backward(hidden, weight, tokens, bias, lse, entropy)
+        ctx.temperature, ctx.chunk_size = temperature, chunk_size
+        ctx.mark_non_differentiable(lse)
+
+    def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        hidden, weight, tokens, bias, lse, entropy = ctx.saved_tensors
+        gh, gw, gb = torch.ops.fastrlhf.linear_token_logprobs_backward.default(
+            grad_logprobs, grad_entropy, hidden, weight, tokens, bias, lse, entropy, ctx.temperature, ctx.chunk_size
+        )
+        return gh, gw, None, (gb if bias is not None else None), None, None
+
+    torch.library.register_autograd("fastrlhf::linear_token_logprobs", _backward, setup_context=_setup_context)

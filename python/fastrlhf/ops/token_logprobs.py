@@ -1,0 +1,104 @@
+"""Log-probabilities of chosen tokens (and per-position entropy) from logits, fused.
+
+One pass over the vocabulary per row (max, then exp-sums that reuse the row from cache); the
+backward writes ``dlogits`` directly from the saved per-row log-sum-exp and entropy, in the
+logits dtype: for bf16/fp16 logits no fp32 ``[N, V]`` tensor is allocated, forward or backward.
+Math in ``csrc/kernels/token_logprobs.h``.
+
+Semantics: ``x = logits / temperature``; ``logprob = x[token] - logsumexp(x)``;
+``entropy = -sum softmax(x) * log_softmax(x)`` (0 log 0 = 0, so ``-inf`` logits are fine).
+Outputs are fp32 (fp64 for fp64 logits) whatever the logits dtype. A row of all ``-inf`` or
+with a NaN gives NaN. Token ids outside ``[0, V)`` raise (CPU) or trip a device assert (CUDA).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastrlhf import _ext
+from fastrlhf.ops import reference
+from fastrlhf.ops._common import Impl, check_finite_scalar, check_index, check_tensor, use_kernel
+
+
+def _check_temperature(op: str, temperature: float) -> float:
+    temperature = check_finite_scalar(op, "temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"fastrlhf.ops.{op}: temperature must be > 0, got {temperature}")
+    return temperature
+
+
+def token_logprobs(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    impl: Impl = "auto",
+):
+    """``logits [..., V]``, ``tokens [...]`` -> ``logprobs [...]`` (and ``entropy [...]`` when
+    ``return_entropy``), differentiable w.r.t. ``logits``.
+
+    For a causal LM, shift first: ``token_logprobs(logits[:, :-1], input_ids[:, 1:])``.
+    """
+    op = "token_logprobs"
+    check_tensor(op, "logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"fastrlhf.ops.{op}: logits must be [..., V] with V >= 1, got {tuple(logits.shape)}")
+    tokens = check_index(op, "tokens", tokens, "logits[..., 0]", logits, shape=logits.shape[:-1])
+    temperature = _check_temperature(op, temperature)
+    if use_kernel(op, impl, logits.device, logits.dtype):
+        lead, V = logits.shape[:-1], logits.shape[-1]
+        lp, ent, _ = torch.ops.fastrlhf.token_logprobs.default(logits.reshape(-1, V), tokens.reshape(-1), temperature)
+        lp, ent = lp.view(lead), ent.view(lead)
+    else:
+        lp, ent = reference.token_logprobs(logits, tokens, temperature=temperature)
+    return (lp, ent) if return_entropy else lp
+
+
+class TokenLogprobs(nn.Module):
+    """Module face of :func:`token_logprobs`."""
+
+    def __init__(self, temperature: float = 1.0, return_entropy: bool = False, impl: Impl = "auto"):
+        super().__init__()
+        self.temperature, self.return_entropy, self.impl = temperature, return_entropy, impl
+
+    def forward(self, logits: torch.Tensor, tokens: torch.Tensor):
+        return token_logprobs(logits, tokens, temperature=self.temperature,
+                              return_entropy=self.return_entropy, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, return_entropy={self.return_entropy}"
+
+
+if _ext.extension_available():
+
+    def _acc(dtype):
+        return torch.float64 if dtype == torch.float64 else torch.float32
+
+    @torch.library.register_fake("fastrlhf::token_logprobs")
+    def _token_logprobs_fake(logits, tokens, temperature):
+        torch._check(logits.dim() == 2, lambda: "logits must be [N, V]")
+        torch._check(tokens.shape == logits.shape[:1], lambda: "tokens must be [N]")
+        N = logits.shape[0]
+        return tuple(logits.new_empty((N,), dtype=_acc(logits.dtype)) for _ in range(3))
+
+    @torch.library.register_fake("fastrlhf::token_logprobs_backward")
+    def _token_logprobs_backward_fake(grad_logprobs, grad_entropy, logits, tokens, lse, entropy, temperature):
+        return logits.new_empty(logits.shape)
+
+    def _setup_context(ctx, inputs, output):
+        logits, tokens, temperature = inputs
+        _, entropy, lse = output
+        ctx.save_for_backward(logits, tokens, lse, entropy)
+        ctx.temperature = temperature
+        ctx.mark_non_differentiable(lse)
+
+    def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
+        logits, tokens, lse, entropy = ctx.saved_tensors
+        grad_logits = torch.ops.fastrlhf.token_logprobs_backward.default(
+            grad_logprobs, grad_entropy, logits, tokens, lse, entropy, ctx.temperature
+        )
+        return grad_logits, None, None
+
+    torch.library.register_autograd("fastrlhf::token_logprobs", _backward, setup_context=_setup_context)
