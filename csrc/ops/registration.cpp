@@ -37,6 +37,28 @@ TORCH_LIBRARY(fastrlhf, m) {
   m.def("linear_token_logprobs_backward(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor hidden, "
         "Tensor weight, Tensor tokens, Tensor? bias, Tensor lse, Tensor entropy, float temperature, "
         "int chunk_size) -> (Tensor, Tensor, Tensor)");
+
+  // ---- RL losses (python/fastrlhf/ops/{kl_penalty,policy_loss,value_loss}.py) ----
+  // estimator: 0 k1, 1 k2, 2 k3, 3 abs.  logprobs/ref [...] -> kl [...]
+  m.def("kl_penalty(Tensor logprobs, Tensor ref_logprobs, int estimator) -> Tensor");
+  m.def("kl_penalty_backward(Tensor grad, Tensor logprobs, Tensor ref_logprobs, int estimator) -> Tensor");
+  // [B, T] inputs; agg: 0 token-mean, 1 seq-mean-token-mean, 2 seq-mean-token-sum,
+  // 3 seq-mean-token-sum-norm; dual_clip/normalizer/norm_length <= 0: off / from the batch / T
+  // -> (loss [], stats [10], row_weight [B])
+  m.def("policy_loss(Tensor logprobs, Tensor old_logprobs, Tensor advantages, Tensor mask, "
+        "Tensor? ref_logprobs, Tensor? entropy, float clip_low, float clip_high, float dual_clip, "
+        "float kl_coef, int kl_estimator, float entropy_coef, int agg, float normalizer, "
+        "float norm_length) -> (Tensor, Tensor, Tensor)");
+  // -> (grad_logprobs [B, T], grad_entropy [B, T] or [0])
+  m.def("policy_loss_backward(Tensor grad_loss, Tensor logprobs, Tensor old_logprobs, "
+        "Tensor advantages, Tensor mask, Tensor? ref_logprobs, Tensor row_weight, float clip_low, "
+        "float clip_high, float dual_clip, float kl_coef, int kl_estimator, float entropy_coef, "
+        "bool has_entropy) -> (Tensor, Tensor)");
+  // clip <= 0: unclipped -> (loss [], stats [4], row_weight [B])
+  m.def("value_loss(Tensor values, Tensor old_values, Tensor returns, Tensor mask, float clip, "
+        "int agg, float normalizer, float norm_length) -> (Tensor, Tensor, Tensor)");
+  m.def("value_loss_backward(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, "
+        "Tensor mask, Tensor row_weight, float clip) -> Tensor");
 }
 
 namespace py = pybind11;

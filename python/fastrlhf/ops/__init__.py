@@ -13,6 +13,9 @@ from fastrlhf.ops.td_targets import q_update, td_targets
 from fastrlhf.ops.whiten import Whiten, whiten
 from fastrlhf.ops.token_logprobs import TokenLogprobs, token_logprobs
 from fastrlhf.ops.linear_token_logprobs import LinearTokenLogprobs, linear_token_logprobs
+from fastrlhf.ops.kl_penalty import KLPenalty, kl_penalty
+from fastrlhf.ops.policy_loss import PPOLoss, policy_loss
+from fastrlhf.ops.value_loss import ValueLoss, value_loss
 
 __all__ = [
     "reference",
@@ -30,4 +33,10 @@ __all__ = [
     "TokenLogprobs",
     "linear_token_logprobs",
     "LinearTokenLogprobs",
+    "kl_penalty",
+    "KLPenalty",
+    "policy_loss",
+    "PPOLoss",
+    "value_loss",
+    "ValueLoss",
 ]

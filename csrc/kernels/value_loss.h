@@ -1,0 +1,106 @@
+// Clipped value loss (PPO), fused forward and backward, aggregated as in loss_agg.h, with the
+// clip fraction and the explained variance in the same pass.
+//
+// Per valid token, with v_clip = old + clip(v - old, -clip, clip):
+//   loss = 0.5 * max((v - R)^2, (v_clip - R)^2)        (clip <= 0: 0.5 (v - R)^2)
+// Gradient: (v - R) on the unclipped branch; (v_clip - R) where the clipped branch is larger and
+// |v - old| < clip, else 0.
+// explained_variance = 1 - Var(R - v) / Var(R) over valid tokens (NaN when Var(R) = 0, as CleanRL).
+#pragma once
+
+#include "common.h"
+#include "loss_agg.h"
+
+namespace fastrlhf::kernels::value_loss {
+
+enum Partial : int { kLoss = 0, kClip, kR, kR2, kRes, kRes2, kV, kLen, kNumPartials };
+enum Stat : int { kStatClipFrac = 0, kStatExplainedVariance, kStatValueMean, kStatReturnMean, kNumStats };
+
+struct Params {
+  const void* values = nullptr;      // [B, T] storage dtype
+  const void* old_values = nullptr;  // [B, T]
+  const void* returns = nullptr;     // [B, T]
+  const uint8_t* mask = nullptr;     // [B, T] bool
+  int64_t B = 0, T = 0;
+  double clip = 0.2;  // <= 0: unclipped
+  loss_agg::Config agg;
+  double* partials = nullptr;  // [B, kNumPartials]
+  void* loss = nullptr;        // [] accumulator dtype
+  void* stats = nullptr;       // [kNumStats]
+  void* row_weight = nullptr;  // [B]
+  const void* grad_loss = nullptr;  // [] (backward)
+  void* grad_values = nullptr;      // [B, T] (backward)
+};
+
+template <typename A>
+struct Token {
+  A loss;
+  bool clipped;  // the clipped branch is the larger one
+};
+
+template <typename A>
+FRL_HD Token<A> token(A v, A old, A ret, A clip) {
+  const A d1 = v - ret;
+  const A l1 = d1 * d1;
+  if (!(clip > A(0))) return Token<A>{A(0.5) * l1, false};
+  const A dv = v - old;
+  const A vc = old + (dv < -clip ? -clip : (dv > clip ? clip : dv));
+  const A d2 = vc - ret;
+  const A l2 = d2 * d2;
+  return Token<A>{A(0.5) * (l2 > l1 ? l2 : l1), l2 > l1};
+}
+
+template <typename A>
+FRL_HD A token_grad(A v, A old, A ret, A clip) {
+  if (!(clip > A(0))) return v - ret;
+  const A dv = v - old;
+  const A vc = old + (dv < -clip ? -clip : (dv > clip ? clip : dv));
+  const A l1 = (v - ret) * (v - ret), l2 = (vc - ret) * (vc - ret);
+  if (!(l2 > l1)) return v - ret;
+  return (dv > -clip && dv < clip) ? vc - ret : A(0);
+}
+
+template <typename A>
+FRL_HD void finalize(const Params& p) {
+  const double* part = p.partials;
+  double n_tok = 0, n_seq = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const double len = part[b * kNumPartials + kLen];
+    n_tok += len;
+    n_seq += len > 0 ? 1 : 0;
+  }
+  double loss = 0, s[kNumPartials] = {};
+  for (int64_t b = 0; b < p.B; ++b) {
+    const double* row = part + b * kNumPartials;
+    const double w = loss_agg::row_weight(p.agg, row[kLen], n_tok, n_seq);
+    static_cast<A*>(p.row_weight)[b] = A(w);
+    loss += w * row[kLoss];
+    for (int k = kClip; k < kNumPartials; ++k) s[k] += row[k];
+  }
+  const double inv = n_tok > 0 ? 1.0 / n_tok : 0.0;
+  const double mean_r = s[kR] * inv, mean_res = s[kRes] * inv;
+  const double var_r = s[kR2] * inv - mean_r * mean_r;
+  const double var_res = s[kRes2] * inv - mean_res * mean_res;
+  A* st = static_cast<A*>(p.stats);
+  st[kStatClipFrac] = A(s[kClip] * inv);
+  st[kStatExplainedVariance] = A(var_r > 0 ? 1.0 - var_res / var_r : NAN);
+  st[kStatValueMean] = A(s[kV] * inv);
+  st[kStatReturnMean] = A(mean_r);
+  *static_cast<A*>(p.loss) = A(loss);
+}
+
+}  // namespace fastrlhf::kernels::value_loss
+
+#include "cpu/parallel.h"
+#if defined(FASTRLHF_WITH_CUDA)
+#include <cuda_runtime_api.h>
+#endif
+
+namespace fastrlhf::kernels::value_loss {
+Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
+Status launch_backward_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
+#if defined(FASTRLHF_WITH_CUDA)
+cudaError_t launch_cuda(const Params& p, DType dtype, cudaStream_t stream);
+cudaError_t launch_backward_cuda(const Params& p, DType dtype, cudaStream_t stream);
+#endif
+}  // namespace fastrlhf::kernels::value_loss

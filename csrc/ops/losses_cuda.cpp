@@ -1,0 +1,79 @@
+// CUDA implementations of fastrlhf::kl_penalty, policy_loss, value_loss and their backwards.
+#include "cuda_utils.h"
+#include "losses.h"
+
+namespace fastrlhf::ops {
+namespace {
+
+using Triple = std::tuple<Tensor, Tensor, Tensor>;
+
+Tensor kl_penalty_cuda(const Tensor& logprobs, const Tensor& ref, int64_t estimator) {
+  CudaContext ctx(logprobs);
+  auto c = prepare_kl(logprobs, ref, estimator, std::nullopt);
+  check_cuda(k::kl_penalty::launch_cuda(c.params, c.dtype, false, ctx.stream), "kl_penalty");
+  return c.out;
+}
+
+Tensor kl_penalty_backward_cuda(const Tensor& grad, const Tensor& logprobs, const Tensor& ref, int64_t estimator) {
+  CudaContext ctx(logprobs);
+  auto c = prepare_kl(logprobs, ref, estimator, grad);
+  check_cuda(k::kl_penalty::launch_cuda(c.params, c.dtype, true, ctx.stream), "kl_penalty_backward");
+  return c.out;
+}
+
+Triple policy_loss_cuda(const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
+                        const Tensor& mask, const std::optional<Tensor>& ref_logprobs,
+                        const std::optional<Tensor>& entropy, double clip_low, double clip_high, double dual_clip,
+                        double kl_coef, int64_t kl_estimator, double entropy_coef, int64_t agg, double normalizer,
+                        double norm_length) {
+  CudaContext ctx(logprobs);
+  auto c = prepare_policy_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, clip_low, clip_high,
+                               dual_clip, kl_coef, kl_estimator, entropy_coef);
+  alloc_policy_forward(c, agg, normalizer, norm_length);
+  check_cuda(k::policy_loss::launch_cuda(c.params, c.dtype, ctx.stream), "policy_loss");
+  return {c.loss, c.stats, c.row_weight};
+}
+
+std::tuple<Tensor, Tensor> policy_loss_backward_cuda(
+    const Tensor& grad_loss, const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
+    const Tensor& mask, const std::optional<Tensor>& ref_logprobs, const Tensor& row_weight, double clip_low,
+    double clip_high, double dual_clip, double kl_coef, int64_t kl_estimator, double entropy_coef,
+    bool has_entropy) {
+  CudaContext ctx(logprobs);
+  auto c = prepare_policy_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs, std::nullopt, clip_low,
+                               clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef);
+  alloc_policy_backward(c, grad_loss, row_weight, has_entropy);
+  check_cuda(k::policy_loss::launch_backward_cuda(c.params, c.dtype, ctx.stream), "policy_loss_backward");
+  return {c.grad_logprobs, c.grad_entropy};
+}
+
+Triple value_loss_cuda(const Tensor& values, const Tensor& old_values, const Tensor& returns, const Tensor& mask,
+                       double clip, int64_t agg, double normalizer, double norm_length) {
+  CudaContext ctx(values);
+  auto c = prepare_value_loss(values, old_values, returns, mask, clip);
+  alloc_value_forward(c, agg, normalizer, norm_length);
+  check_cuda(k::value_loss::launch_cuda(c.params, c.dtype, ctx.stream), "value_loss");
+  return {c.loss, c.stats, c.row_weight};
+}
+
+Tensor value_loss_backward_cuda(const Tensor& grad_loss, const Tensor& values, const Tensor& old_values,
+                                const Tensor& returns, const Tensor& mask, const Tensor& row_weight, double clip) {
+  CudaContext ctx(values);
+  auto c = prepare_value_loss(values, old_values, returns, mask, clip);
+  alloc_value_backward(c, grad_loss, row_weight);
+  check_cuda(k::value_loss::launch_backward_cuda(c.params, c.dtype, ctx.stream), "value_loss_backward");
+  return c.grad_values;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastrlhf, CUDA, m) {
+  m.impl("kl_penalty", &kl_penalty_cuda);
+  m.impl("kl_penalty_backward", &kl_penalty_backward_cuda);
+  m.impl("policy_loss", &policy_loss_cuda);
+  m.impl("policy_loss_backward", &policy_loss_backward_cuda);
+  m.impl("value_loss", &value_loss_cuda);
+  m.impl("value_loss_backward", &value_loss_backward_cuda);
+}
+
+}  // namespace fastrlhf::ops

@@ -1,0 +1,84 @@
+"""Per-token KL estimates between the policy and a reference policy (Schulman's estimators).
+
+With ``d = logprobs - ref_logprobs``: ``k1 = d``; ``k2 = d^2 / 2``; ``abs = |d|``;
+``k3 = exp(-d) + d - 1`` (the "low-variance KL" of GRPO / verl, with verl's clamps: the
+log-ratio to ``[-20, 20]`` and the estimate to at most 10). Differentiable w.r.t. both inputs.
+Elementwise: any shape. Math in ``csrc/kernels/kl_penalty.h``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+from fastrlhf import _ext
+from fastrlhf.ops import reference
+from fastrlhf.ops._common import Impl, check_like, check_tensor, common_float_dtype, use_kernel
+
+KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
+Estimator = Literal["k1", "k2", "k3", "abs"]
+
+
+def estimator_code(op: str, estimator: str) -> int:
+    if estimator not in KL_ESTIMATORS:
+        raise ValueError(f"fastrlhf.ops.{op}: kl estimator must be one of {list(KL_ESTIMATORS)}, got {estimator!r}")
+    return KL_ESTIMATORS[estimator]
+
+
+def kl_penalty(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    *,
+    estimator: Estimator = "k1",
+    impl: Impl = "auto",
+) -> torch.Tensor:
+    """``logprobs [...]``, ``ref_logprobs [...]`` -> per-token KL estimate ``[...]``."""
+    op = "kl_penalty"
+    check_tensor(op, "logprobs", logprobs)
+    check_tensor(op, "ref_logprobs", ref_logprobs)
+    check_like(op, "ref_logprobs", ref_logprobs, "logprobs", logprobs)
+    code = estimator_code(op, estimator)
+    dtype = common_float_dtype(logprobs, ref_logprobs)
+    logprobs, ref_logprobs = logprobs.to(dtype), ref_logprobs.to(dtype)
+    if use_kernel(op, impl, logprobs.device, dtype):
+        return torch.ops.fastrlhf.kl_penalty.default(logprobs, ref_logprobs, code)
+    return reference.kl_penalty(logprobs, ref_logprobs, estimator=estimator)
+
+
+class KLPenalty(nn.Module):
+    """Module face of :func:`kl_penalty`."""
+
+    def __init__(self, estimator: Estimator = "k1", impl: Impl = "auto"):
+        super().__init__()
+        self.estimator, self.impl = estimator, impl
+
+    def forward(self, logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+        return kl_penalty(logprobs, ref_logprobs, estimator=self.estimator, impl=self.impl)
+
+    def extra_repr(self) -> str:
+        return f"estimator={self.estimator!r}"
+
+
+if _ext.extension_available():
+
+    @torch.library.register_fake("fastrlhf::kl_penalty")
+    def _kl_fake(logprobs, ref_logprobs, estimator):
+        return logprobs.new_empty(logprobs.shape)
+
+    @torch.library.register_fake("fastrlhf::kl_penalty_backward")
+    def _kl_backward_fake(grad, logprobs, ref_logprobs, estimator):
+        return logprobs.new_empty(logprobs.shape)
+
+    def _setup_context(ctx, inputs, output):
+        logprobs, ref_logprobs, estimator = inputs
+        ctx.save_for_backward(logprobs, ref_logprobs)
+        ctx.estimator = estimator
+
+    def _backward(ctx, grad):
+        logprobs, ref_logprobs = ctx.saved_tensors
+        g = torch.ops.fastrlhf.kl_penalty_backward.default(grad, logprobs, ref_logprobs, ctx.estimator)
+        return g, (-g if ctx.needs_input_grad[1] else None), None
+
+    torch.library.register_autograd("fastrlhf::kl_penalty", _backward, setup_context=_setup_context)
