@@ -87,6 +87,7 @@ def main(argv=None) -> dict:
                 raise AssertionError(f"token_logprobs provider {name} differs by {err}")
             t_f = H.time_fn(fwd, dev, repeat=repeat)
             t_full = H.time_fn(full, dev, repeat=repeat)
+            logits.grad = None  # measure from a state without a previous gradient
             mem = H.peak_memory(full, dev)
             gbps = 3 * logits_bytes / t_full / 1e9
             rows.append(H.Row("token_logprobs fwd", f"{N}x{V}", dn, name, t_f * 1e3))
@@ -113,6 +114,7 @@ def main(argv=None) -> dict:
                 raise AssertionError(f"linear_token_logprobs provider {name} differs by {err}")
             t_f = H.time_fn(fwd, dev, repeat=max(2, repeat // 2))
             t_full = H.time_fn(full, dev, repeat=max(2, repeat // 2))
+            hidden.grad = weight.grad = None
             mem = H.peak_memory(full, dev)
             rows.append(H.Row("linear_token_logprobs fwd", f"{N}x{Hd}x{V}", dn, name, t_f * 1e3))
             rows.append(H.Row("linear_token_logprobs fwd+bwd", f"{N}x{Hd}x{V}", dn, name, t_full * 1e3,

@@ -44,11 +44,17 @@ FRL_HD A grad(Estimator est, A logp, A ref) {
     case Estimator::kK3: break;
   }
   const A lr = -d;
-  if (lr > A(kK3LogRatioClamp) || lr < A(-kK3LogRatioClamp)) return A(0);
-  const A e = fast_exp(lr);
-  if (e - lr - A(1) > A(kK3Max)) return A(0);
-  return A(1) - e;  // d/dlogp of exp(-d) + d - 1
+  const A lc = lr > A(kK3LogRatioClamp) ? A(kK3LogRatioClamp) : (lr < A(-kK3LogRatioClamp) ? A(-kK3LogRatioClamp) : lr);
+  const A e = fast_exp(lc);
+  // 0 where either clamp is active; written without && so that callers' loops vectorize
+  return (lc == lr) & (e - lr - A(1) <= A(kK3Max)) ? A(1) - e : A(0);  // d/dlogp of exp(-d) + d - 1
 }
+
+// Compile-time estimator: lets a caller's loop vectorize (no switch inside it).
+template <Estimator E, typename A>
+FRL_HD A value_t(A logp, A ref) { return value(E, logp, ref); }
+template <Estimator E, typename A>
+FRL_HD A grad_t(A logp, A ref) { return grad(E, logp, ref); }
 
 struct Params {
   const void* logprobs = nullptr;  // [n] storage dtype

@@ -94,8 +94,8 @@ template <typename A>
 FRL_HD A token_grad(const Params& p, A logp, A old, A adv, A ref) {
   const A ratio = fast_exp(logp - old);
   const A lo = A(1) - A(p.clip_low), hi = A(1) + A(p.clip_high);
-  const bool clip_binds = (adv < A(0) && ratio < lo) || (adv > A(0) && ratio > hi);
-  const bool dual = p.dual_clip > 0 && adv < A(0) && ratio > A(p.dual_clip);
+  const bool clip_binds = ((adv < A(0)) & (ratio < lo)) | ((adv > A(0)) & (ratio > hi));
+  const bool dual = (p.dual_clip > 0) & (adv < A(0)) & (ratio > A(p.dual_clip));
   A g = (clip_binds || dual) ? A(0) : -adv * ratio;
   if (p.ref_logprobs) g += A(p.kl_coef) * kl_penalty::grad(p.kl_estimator, logp, ref);
   return g;

@@ -35,29 +35,30 @@ struct Params {
 template <typename A>
 struct Token {
   A loss;
-  bool clipped;  // the clipped branch is the larger one
+  A clipped;  // 1 where the clipped branch is the larger one, else 0 (a number, not a bool:
+              // bool members keep compilers from vectorizing the CPU loop)
 };
 
 template <typename A>
 FRL_HD Token<A> token(A v, A old, A ret, A clip) {
   const A d1 = v - ret;
   const A l1 = d1 * d1;
-  if (!(clip > A(0))) return Token<A>{A(0.5) * l1, false};
   const A dv = v - old;
   const A vc = old + (dv < -clip ? -clip : (dv > clip ? clip : dv));
   const A d2 = vc - ret;
   const A l2 = d2 * d2;
-  return Token<A>{A(0.5) * (l2 > l1 ? l2 : l1), l2 > l1};
+  const bool clipped = (clip > A(0)) & (l2 > l1);  // clip <= 0: off. `&`, not `&&`: vectorizes
+  return Token<A>{A(0.5) * (clipped ? l2 : l1), clipped ? A(1) : A(0)};
 }
 
 template <typename A>
 FRL_HD A token_grad(A v, A old, A ret, A clip) {
-  if (!(clip > A(0))) return v - ret;
   const A dv = v - old;
   const A vc = old + (dv < -clip ? -clip : (dv > clip ? clip : dv));
   const A l1 = (v - ret) * (v - ret), l2 = (vc - ret) * (vc - ret);
-  if (!(l2 > l1)) return v - ret;
-  return (dv > -clip && dv < clip) ? vc - ret : A(0);
+  const bool clipped = (clip > A(0)) & (l2 > l1);
+  const A g_clipped = (dv > -clip) & (dv < clip) ? vc - ret : A(0);
+  return clipped ? g_clipped : v - ret;
 }
 
 template <typename A>

@@ -1,5 +1,6 @@
-// CPU launchers for value_loss (math in ../value_loss.h): rows in parallel, fp64 row partials,
-// serial finalize; backward elementwise.
+// CPU launchers for value_loss (math in ../value_loss.h): rows in parallel, each row reduced
+// with `omp simd` reductions (vectorized) into fp64 partials, serial finalize; backward
+// elementwise.
 #include <algorithm>
 
 #include "../value_loss.h"
@@ -7,37 +8,43 @@
 namespace fastrlhf::kernels::value_loss {
 namespace {
 
+template <typename S, bool kClip>
+void forward_row(const Params& p, int64_t b) {
+  using A = acc_t<S>;
+  const A clip = kClip ? A(p.clip) : A(0);
+  const int64_t o = b * p.T, T = p.T;
+  const S* __restrict v = static_cast<const S*>(p.values) + o;
+  const S* __restrict old = static_cast<const S*>(p.old_values) + o;
+  const S* __restrict ret = static_cast<const S*>(p.returns) + o;
+  const uint8_t* __restrict m = p.mask + o;
+  A s_loss = 0, s_clip = 0, s_r = 0, s_r2 = 0, s_res = 0, s_res2 = 0, s_v = 0, s_len = 0;
+#pragma omp simd reduction(+ : s_loss, s_clip, s_r, s_r2, s_res, s_res2, s_v, s_len)
+  for (int64_t t = 0; t < T; ++t) {
+    const A valid = m[t] != 0 ? A(1) : A(0);  // a number, not a bool: keeps the loop vectorizable
+    const A vv = load<A>(v + t), r = load<A>(ret + t);
+    const Token<A> k = token(vv, load<A>(old + t), r, clip);
+    const A res = r - vv;
+    s_loss += valid > A(0) ? k.loss : A(0);  // selects: masked NaN/Inf never enter
+    s_clip += valid > A(0) ? k.clipped : A(0);
+    s_r += valid > A(0) ? r : A(0);
+    s_r2 += valid > A(0) ? r * r : A(0);
+    s_res += valid > A(0) ? res : A(0);
+    s_res2 += valid > A(0) ? res * res : A(0);
+    s_v += valid > A(0) ? vv : A(0);
+    s_len += valid;
+  }
+  double* row = p.partials + b * kNumPartials;
+  row[kLoss] = s_loss, row[kClip] = s_clip, row[kR] = s_r, row[kR2] = s_r2;
+  row[kRes] = s_res, row[kRes2] = s_res2, row[kV] = s_v, row[kLen] = s_len;
+}
+
 template <typename S>
 void run(const Params& p, const cpu::ParallelFor& parallel_for) {
-  using A = acc_t<S>;
-  const A clip = A(p.clip);
+  const bool clip = p.clip > 0;
   parallel_for(p.B, std::max<int64_t>(1, 4096 / std::max<int64_t>(p.T, 1)), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t o = b * p.T;
-      const S* v = static_cast<const S*>(p.values) + o;
-      const S* old = static_cast<const S*>(p.old_values) + o;
-      const S* ret = static_cast<const S*>(p.returns) + o;
-      const uint8_t* m = p.mask + o;
-      A s[kNumPartials] = {};
-      for (int64_t t = 0; t < p.T; ++t) {
-        const bool valid = m[t] != 0;
-        const A vv = load<A>(v + t), r = load<A>(ret + t);
-        const Token<A> k = token(vv, load<A>(old + t), r, clip);
-        const A res = r - vv;
-        s[kLoss] += valid ? k.loss : A(0);
-        s[kClip] += valid && k.clipped ? A(1) : A(0);
-        s[kR] += valid ? r : A(0);
-        s[kR2] += valid ? r * r : A(0);
-        s[kRes] += valid ? res : A(0);
-        s[kRes2] += valid ? res * res : A(0);
-        s[kV] += valid ? vv : A(0);
-        s[kLen] += valid ? A(1) : A(0);
-      }
-      double* row = p.partials + b * kNumPartials;
-      for (int k = 0; k < kNumPartials; ++k) row[k] = double(s[k]);
-    }
+    for (int64_t b = b0; b < b1; ++b) clip ? forward_row<S, true>(p, b) : forward_row<S, false>(p, b);
   });
-  finalize<A>(p);
+  finalize<acc_t<S>>(p);
 }
 
 template <typename S>
@@ -53,6 +60,7 @@ void run_backward(const Params& p, const cpu::ParallelFor& parallel_for) {
       const uint8_t* m = p.mask + o;
       S* dv = static_cast<S*>(p.grad_values) + o;
       const A w = g * static_cast<const A*>(p.row_weight)[b];
+#pragma omp simd
       for (int64_t t = 0; t < p.T; ++t) {
         const A d = token_grad(load<A>(v + t), load<A>(old + t), load<A>(ret + t), clip);
         store(dv + t, m[t] ? w * d : A(0));

@@ -24,7 +24,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Params p) {
     const Token<A> k = token(vv, cuda::load<A>(old + t), r, A(p.clip));
     const double res = double(r) - double(vv);
     s[kLoss] += k.loss;
-    s[kClip] += k.clipped ? 1 : 0;
+    s[kClip] += k.clipped;
     s[kR] += r;
     s[kR2] += double(r) * double(r);
     s[kRes] += res;
