@@ -68,7 +68,7 @@ inline TokenLogprobsBackwardCall prepare_token_logprobs_backward(
   c.entropy = row_vec(entropy, "entropy");
   if (grad_logprobs.has_value()) c.grad_logprobs = row_vec(*grad_logprobs, "grad_logprobs");
   if (grad_entropy.has_value()) c.grad_entropy = row_vec(*grad_entropy, "grad_entropy");
-  c.grad_logits = at::empty_like(c.logits);
+  c.grad_logits = empty_like_output(c.logits);
   c.params = {c.grad_logprobs.defined() ? c.grad_logprobs.const_data_ptr() : nullptr,
               c.grad_entropy.defined() ? c.grad_entropy.const_data_ptr() : nullptr,
               c.logits.const_data_ptr(), c.tokens.const_data_ptr<int64_t>(), c.lse.const_data_ptr(),

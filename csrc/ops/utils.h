@@ -8,6 +8,10 @@
 
 #include <string>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "kernels/common.h"
 #include "kernels/cpu/parallel.h"
 
@@ -60,6 +64,24 @@ inline k::cpu::ParallelFor torch_parallel_for() {
   return [](int64_t n, int64_t grain, const k::cpu::Body& body) {
     at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { body(b, e); });
   };
+}
+
+// Large CPU outputs are written once right after allocation, so first-touch page faults (and
+// the kernel zeroing each 4 KiB page) can cost more than the op itself. Ask Linux for
+// transparent huge pages on the buffer before it is touched: 512x fewer faults. A hint only
+// (no-op where THP is off or the tensor is not on the CPU).
+inline Tensor empty_like_output(const Tensor& like) {
+  Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = out.nbytes();
+  if (out.is_cpu() && bytes >= 16 * kHuge) {
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(out.data_ptr()) + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(out.data_ptr()) + bytes) & ~(kHuge - 1);
+    if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+  }
+#endif
+  return out;
 }
 
 inline void check_status(k::Status s, const char* op) {
