@@ -38,4 +38,28 @@ FRL_HD double row_weight(const Config& c, double len, double n_tok, double n_seq
   return denom > 0 ? 1.0 / denom : 0.0;
 }
 
+struct BatchCounts {
+  double n_tok, n_seq;  // valid tokens; rows with at least one valid token
+};
+
+FRL_HD double row_weight_of(const Config& c, double len, const BatchCounts& n) {
+  return row_weight(c, len, n.n_tok, n.n_seq);
+}
+
+// From per-row partials (row b at partials + b * stride, its valid-token count at len_index):
+// the batch counts, and each row's token weight written to row_weight[b].
+template <typename A>
+FRL_HD BatchCounts weigh_rows(const Config& c, const double* partials, int64_t B, int stride, int len_index,
+                              A* row_weight) {
+  BatchCounts n{0, 0};
+  for (int64_t b = 0; b < B; ++b) {
+    const double len = partials[b * stride + len_index];
+    n.n_tok += len;
+    n.n_seq += len > 0 ? 1 : 0;
+  }
+  for (int64_t b = 0; b < B; ++b)
+    row_weight[b] = A(row_weight_of(c, partials[b * stride + len_index], n));
+  return n;
+}
+
 }  // namespace fastrlhf::kernels::loss_agg

@@ -106,18 +106,13 @@ FRL_HD A token_grad(const Params& p, A logp, A old, A adv, A ref) {
 template <typename A>
 FRL_HD void finalize(const Params& p) {
   const double* part = p.partials;
-  double n_tok = 0, n_seq = 0;
-  for (int64_t b = 0; b < p.B; ++b) {
-    const double len = part[b * kNumPartials + kLen];
-    n_tok += len;
-    n_seq += len > 0 ? 1 : 0;
-  }
+  const loss_agg::BatchCounts n = loss_agg::weigh_rows(p.agg, part, p.B, kNumPartials, kLen, static_cast<A*>(p.row_weight));
+  const double n_tok = n.n_tok;
   double loss = 0, pg = 0, sums[kNumPartials] = {};
   double ratio_max = -HUGE_VAL;
   for (int64_t b = 0; b < p.B; ++b) {
     const double* row = part + b * kNumPartials;
-    const double w = loss_agg::row_weight(p.agg, row[kLen], n_tok, n_seq);
-    static_cast<A*>(p.row_weight)[b] = A(w);
+    const double w = loss_agg::row_weight_of(p.agg, row[kLen], n);
     loss += w * row[kLoss];
     pg += w * row[kPg];
     for (int k = kKl; k <= kRatio; ++k) sums[k] += row[k];

@@ -3,8 +3,8 @@
 //
 // Per valid token, with v_clip = old + clip(v - old, -clip, clip):
 //   loss = 0.5 * max((v - R)^2, (v_clip - R)^2)        (clip <= 0: 0.5 (v - R)^2)
-// Gradient: (v - R) on the unclipped branch; (v_clip - R) where the clipped branch is larger and
-// |v - old| < clip, else 0.
+// Gradient: (v - R) on the unclipped branch, 0 where the clipped branch (|v - old| > clip, a
+// constant in v) is the larger one.
 // explained_variance = 1 - Var(R - v) / Var(R) over valid tokens (NaN when Var(R) = 0, as CleanRL).
 #pragma once
 
@@ -39,43 +39,36 @@ struct Token {
               // bool members keep compilers from vectorizing the CPU loop)
 };
 
+// The clipped branch counts only where the clip binds (|v - old| > clip): inside the range
+// v_clip = v up to rounding, which must not count as "clipped".
 template <typename A>
 FRL_HD Token<A> token(A v, A old, A ret, A clip) {
   const A d1 = v - ret;
   const A l1 = d1 * d1;
   const A dv = v - old;
-  const A vc = old + (dv < -clip ? -clip : (dv > clip ? clip : dv));
+  const A vc = old + (dv < -clip ? -clip : clip);
   const A d2 = vc - ret;
   const A l2 = d2 * d2;
-  const bool clipped = (clip > A(0)) & (l2 > l1);  // clip <= 0: off. `&`, not `&&`: vectorizes
+  // clip <= 0: off. `&`, not `&&`: keeps the CPU loop vectorizable
+  const bool clipped = (clip > A(0)) & ((dv < -clip) | (dv > clip)) & (l2 > l1);
   return Token<A>{A(0.5) * (clipped ? l2 : l1), clipped ? A(1) : A(0)};
 }
 
+// Where the clipped branch is taken v_clip is constant in v: gradient 0; else v - R.
 template <typename A>
 FRL_HD A token_grad(A v, A old, A ret, A clip) {
-  const A dv = v - old;
-  const A vc = old + (dv < -clip ? -clip : (dv > clip ? clip : dv));
-  const A l1 = (v - ret) * (v - ret), l2 = (vc - ret) * (vc - ret);
-  const bool clipped = (clip > A(0)) & (l2 > l1);
-  const A g_clipped = (dv > -clip) & (dv < clip) ? vc - ret : A(0);
-  return clipped ? g_clipped : v - ret;
+  return token(v, old, ret, clip).clipped > A(0) ? A(0) : v - ret;
 }
 
 template <typename A>
 FRL_HD void finalize(const Params& p) {
   const double* part = p.partials;
-  double n_tok = 0, n_seq = 0;
-  for (int64_t b = 0; b < p.B; ++b) {
-    const double len = part[b * kNumPartials + kLen];
-    n_tok += len;
-    n_seq += len > 0 ? 1 : 0;
-  }
+  const loss_agg::BatchCounts n = loss_agg::weigh_rows(p.agg, part, p.B, kNumPartials, kLen, static_cast<A*>(p.row_weight));
+  const double n_tok = n.n_tok;
   double loss = 0, s[kNumPartials] = {};
   for (int64_t b = 0; b < p.B; ++b) {
     const double* row = part + b * kNumPartials;
-    const double w = loss_agg::row_weight(p.agg, row[kLen], n_tok, n_seq);
-    static_cast<A*>(p.row_weight)[b] = A(w);
-    loss += w * row[kLoss];
+    loss += loss_agg::row_weight_of(p.agg, row[kLen], n) * row[kLoss];
     for (int k = kClip; k < kNumPartials; ++k) s[k] += row[k];
   }
   const double inv = n_tok > 0 ? 1.0 / n_tok : 0.0;

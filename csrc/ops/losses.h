@@ -91,12 +91,20 @@ inline PolicyLossCall prepare_policy_loss(const Tensor& logprobs, const Tensor& 
   return c;
 }
 
+// Forward outputs shared by the losses: fp64 row partials, loss [], stats [n_stats], row weights [B].
+struct LossOutputs {
+  Tensor partials, loss, stats, row_weight;
+};
+
+inline LossOutputs alloc_loss_outputs(const Tensor& like, int64_t B, int n_partials, int n_stats) {
+  const auto opts = like.options().dtype(loss_acc_type(like.scalar_type()));
+  return {at::empty({B, n_partials}, like.options().dtype(at::kDouble)), at::empty({}, opts),
+          at::empty({n_stats}, opts), at::empty({B}, opts)};
+}
+
 inline void alloc_policy_forward(PolicyLossCall& c, int64_t agg, double normalizer, double norm_length) {
-  const auto opts = c.logprobs.options().dtype(loss_acc_type(c.logprobs.scalar_type()));
-  c.partials = at::empty({c.params.B, k::policy_loss::kNumPartials}, c.logprobs.options().dtype(at::kDouble));
-  c.loss = at::empty({}, opts);
-  c.stats = at::empty({k::policy_loss::kNumStats}, opts);
-  c.row_weight = at::empty({c.params.B}, opts);
+  auto o = alloc_loss_outputs(c.logprobs, c.params.B, k::policy_loss::kNumPartials, k::policy_loss::kNumStats);
+  c.partials = o.partials, c.loss = o.loss, c.stats = o.stats, c.row_weight = o.row_weight;
   auto& p = c.params;
   p.agg = agg_config(agg, normalizer, norm_length, p.T);
   p.partials = c.partials.data_ptr<double>();
@@ -151,11 +159,8 @@ inline ValueLossCall prepare_value_loss(const Tensor& values, const Tensor& old_
 }
 
 inline void alloc_value_forward(ValueLossCall& c, int64_t agg, double normalizer, double norm_length) {
-  const auto opts = c.values.options().dtype(loss_acc_type(c.values.scalar_type()));
-  c.partials = at::empty({c.params.B, k::value_loss::kNumPartials}, c.values.options().dtype(at::kDouble));
-  c.loss = at::empty({}, opts);
-  c.stats = at::empty({k::value_loss::kNumStats}, opts);
-  c.row_weight = at::empty({c.params.B}, opts);
+  auto o = alloc_loss_outputs(c.values, c.params.B, k::value_loss::kNumPartials, k::value_loss::kNumStats);
+  c.partials = o.partials, c.loss = o.loss, c.stats = o.stats, c.row_weight = o.row_weight;
   auto& p = c.params;
   p.agg = agg_config(agg, normalizer, norm_length, p.T);
   p.partials = c.partials.data_ptr<double>();

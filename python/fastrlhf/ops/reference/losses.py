@@ -107,7 +107,7 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
         v_clip = old + (v - old).clamp(-clip, clip)
         l2 = (v_clip - ret) ** 2
         token_loss = 0.5 * torch.maximum(l1, l2)
-        clipped = l2 > l1
+        clipped = ((v - old).abs() > clip) & (l2 > l1)  # where the clip binds and wins
     loss = aggregate(token_loss, mask, agg, normalizer, norm_length)
     with torch.no_grad():
         n = mask.sum().clamp(min=1).to(acc)
