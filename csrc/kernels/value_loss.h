@@ -13,7 +13,10 @@
 
 namespace fastrlhf::kernels::value_loss {
 
-enum Partial : int { kLoss = 0, kClip, kR, kR2, kRes, kRes2, kV, kLen, kNumPartials };
+// Returns R and residuals R - v are summed shifted by the row's first valid value (kRShift,
+// kResShift): the variances in explained_variance are then exact (0 for constant returns) and
+// free of E[x^2] - E[x]^2 cancellation; rows are combined with Chan's formula.
+enum Partial : int { kLoss = 0, kClip, kRShift, kR, kR2, kResShift, kRes, kRes2, kV, kLen, kNumPartials };
 enum Stat : int { kStatClipFrac = 0, kStatExplainedVariance, kStatValueMean, kStatReturnMean, kNumStats };
 
 struct Params {
@@ -72,9 +75,27 @@ FRL_HD void finalize(const Params& p) {
     for (int k = kClip; k < kNumPartials; ++k) s[k] += row[k];
   }
   const double inv = n_tok > 0 ? 1.0 / n_tok : 0.0;
-  const double mean_r = s[kR] * inv, mean_res = s[kRes] * inv;
-  const double var_r = s[kR2] * inv - mean_r * mean_r;
-  const double var_res = s[kRes2] * inv - mean_res * mean_res;
+  // Chan et al.: combine per-row (count, mean, M2) of the shifted sums
+  double mean_r = 0, mean_res = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const double* row = part + b * kNumPartials;
+    if (row[kLen] > 0) {
+      mean_r += row[kLen] * row[kRShift] + row[kR];
+      mean_res += row[kLen] * row[kResShift] + row[kRes];
+    }
+  }
+  mean_r *= inv, mean_res *= inv;
+  double m2_r = 0, m2_res = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    const double* row = part + b * kNumPartials;
+    const double n_b = row[kLen];
+    if (n_b > 0) {
+      const double dr = row[kRShift] + row[kR] / n_b - mean_r, dres = row[kResShift] + row[kRes] / n_b - mean_res;
+      m2_r += row[kR2] - row[kR] * row[kR] / n_b + n_b * dr * dr;
+      m2_res += row[kRes2] - row[kRes] * row[kRes] / n_b + n_b * dres * dres;
+    }
+  }
+  const double var_r = m2_r * inv, var_res = m2_res * inv;
   A* st = static_cast<A*>(p.stats);
   st[kStatClipFrac] = A(s[kClip] * inv);
   st[kStatExplainedVariance] = A(var_r > 0 ? 1.0 - var_res / var_r : NAN);

@@ -22,13 +22,13 @@ Triple call_token_logprobs(const Tensor& logits, const Tensor& tokens, double te
 }
 
 Tensor call_token_logprobs_backward(const std::optional<Tensor>& g, const std::optional<Tensor>& h,
-                                    const Tensor& logits, const Tensor& tokens, const Tensor& lse,
+                                    const Tensor& logits, const Tensor& tokens, const Tensor& row_stats,
                                     const Tensor& entropy, double temperature) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastrlhf::token_logprobs_backward", "")
                        .typed<Tensor(const std::optional<Tensor>&, const std::optional<Tensor>&,
                                      const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>();
-  return op.call(g, h, logits, tokens, lse, entropy, temperature);
+  return op.call(g, h, logits, tokens, row_stats, entropy, temperature);
 }
 
 void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& tokens,
@@ -62,22 +62,22 @@ Triple linear_token_logprobs(const Tensor& hidden, const Tensor& weight, const T
   const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   Tensor logprobs = at::empty({N}, hidden.options().dtype(acc));
   Tensor entropy = at::empty({N}, hidden.options().dtype(acc));
-  Tensor lse = at::empty({N}, hidden.options().dtype(acc));
+  Tensor row_stats = at::empty({N, 2}, hidden.options().dtype(acc));
   for (int64_t i0 = 0; i0 < N; i0 += chunk_size) {
     const int64_t n = std::min(chunk_size, N - i0);
     auto [lp, ent, l] = call_token_logprobs(chunk_logits(hidden.narrow(0, i0, n), weight, bias),
                                             tokens.narrow(0, i0, n), temperature);
     logprobs.narrow(0, i0, n).copy_(lp);
     entropy.narrow(0, i0, n).copy_(ent);
-    lse.narrow(0, i0, n).copy_(l);
+    row_stats.narrow(0, i0, n).copy_(l);
   }
-  return {logprobs, entropy, lse};
+  return {logprobs, entropy, row_stats};
 }
 
 Triple linear_token_logprobs_backward(const std::optional<Tensor>& grad_logprobs,
                                       const std::optional<Tensor>& grad_entropy, const Tensor& hidden,
                                       const Tensor& weight, const Tensor& tokens,
-                                      const std::optional<Tensor>& bias, const Tensor& lse,
+                                      const std::optional<Tensor>& bias, const Tensor& row_stats,
                                       const Tensor& entropy, double temperature, int64_t chunk_size) {
   check_inputs(hidden, weight, tokens, bias, chunk_size);
   const int64_t N = hidden.size(0);
@@ -95,7 +95,7 @@ Triple linear_token_logprobs_backward(const std::optional<Tensor>& grad_logprobs
     const Tensor h = hidden.narrow(0, i0, n);
     const Tensor dlogits = call_token_logprobs_backward(
         rows(grad_logprobs, i0, n), rows(grad_entropy, i0, n), chunk_logits(h, weight, bias),
-        tokens.narrow(0, i0, n), lse.narrow(0, i0, n), entropy.narrow(0, i0, n), temperature);
+        tokens.narrow(0, i0, n), row_stats.narrow(0, i0, n), entropy.narrow(0, i0, n), temperature);
     grad_hidden.narrow(0, i0, n).copy_(at::mm(dlogits, weight));
     if (low_precision) {
       grad_weight.addmm_(dlogits.t().to(at::kFloat), h.to(at::kFloat));

@@ -25,17 +25,18 @@ TORCH_LIBRARY(fastrlhf, m) {
   m.def("q_update(Tensor q, Tensor actions, Tensor targets, float alpha) -> Tensor");
 
   // ---- fused log-probs (python/fastrlhf/ops/token_logprobs.py, linear_token_logprobs.py) ----
-  // logits [N, V], tokens [N] int64 -> (logprobs [N], entropy [N], lse [N]) in fp32 (fp64 for fp64)
+  // logits [N, V], tokens [N] int64 -> (logprobs [N], entropy [N], row_stats [N, 2]) in fp32
+  // (fp64 for fp64); row_stats = (max, log sum exp(x - max)): log-sum-exp = their sum
   m.def("token_logprobs(Tensor logits, Tensor tokens, float temperature) -> (Tensor, Tensor, Tensor)");
   // -> grad_logits [N, V] in the logits dtype
   m.def("token_logprobs_backward(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, "
-        "Tensor tokens, Tensor lse, Tensor entropy, float temperature) -> Tensor");
-  // hidden [N, H], weight [V, H], tokens [N], bias [V] -> (logprobs, entropy, lse), all [N]
+        "Tensor tokens, Tensor row_stats, Tensor entropy, float temperature) -> Tensor");
+  // hidden [N, H], weight [V, H], tokens [N], bias [V] -> (logprobs [N], entropy [N], row_stats [N, 2])
   m.def("linear_token_logprobs(Tensor hidden, Tensor weight, Tensor tokens, Tensor? bias, "
         "float temperature, int chunk_size) -> (Tensor, Tensor, Tensor)");
   // -> (grad_hidden [N, H], grad_weight [V, H], grad_bias [V] or [0] without bias)
   m.def("linear_token_logprobs_backward(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor hidden, "
-        "Tensor weight, Tensor tokens, Tensor? bias, Tensor lse, Tensor entropy, float temperature, "
+        "Tensor weight, Tensor tokens, Tensor? bias, Tensor row_stats, Tensor entropy, float temperature, "
         "int chunk_size) -> (Tensor, Tensor, Tensor)");
 
   // ---- RL losses (python/fastrlhf/ops/{kl_penalty,policy_loss,value_loss}.py) ----

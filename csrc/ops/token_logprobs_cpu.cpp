@@ -9,14 +9,14 @@ std::tuple<Tensor, Tensor, Tensor> token_logprobs_cpu(const Tensor& logits, cons
   auto c = prepare_token_logprobs(logits, tokens, temperature);
   TORCH_CHECK(k::token_logprobs::launch_cpu(c.params, c.dtype, torch_parallel_for()) == k::Status::kOk,
               "fastrlhf.token_logprobs: tokens must be in [0, V) = [0, ", c.params.V, ")");
-  return {c.logprobs, c.entropy, c.lse};
+  return {c.logprobs, c.entropy, c.row_stats};
 }
 
 Tensor token_logprobs_backward_cpu(const std::optional<Tensor>& grad_logprobs,
                                    const std::optional<Tensor>& grad_entropy, const Tensor& logits,
-                                   const Tensor& tokens, const Tensor& lse, const Tensor& entropy,
+                                   const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
                                    double temperature) {
-  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
+  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy,
                                            temperature);
   check_status(k::token_logprobs::launch_backward_cpu(c.params, c.dtype, torch_parallel_for()),
                "token_logprobs_backward");

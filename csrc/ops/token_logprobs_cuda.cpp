@@ -10,15 +10,15 @@ std::tuple<Tensor, Tensor, Tensor> token_logprobs_cuda(const Tensor& logits, con
   CudaContext ctx(logits);
   auto c = prepare_token_logprobs(logits, tokens, temperature);
   check_cuda(k::token_logprobs::launch_cuda(c.params, c.dtype, ctx.stream), "token_logprobs");
-  return {c.logprobs, c.entropy, c.lse};
+  return {c.logprobs, c.entropy, c.row_stats};
 }
 
 Tensor token_logprobs_backward_cuda(const std::optional<Tensor>& grad_logprobs,
                                     const std::optional<Tensor>& grad_entropy, const Tensor& logits,
-                                    const Tensor& tokens, const Tensor& lse, const Tensor& entropy,
+                                    const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
                                     double temperature) {
   CudaContext ctx(logits);
-  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, lse, entropy,
+  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy,
                                            temperature);
   check_cuda(k::token_logprobs::launch_backward_cuda(c.params, c.dtype, ctx.stream),
              "token_logprobs_backward");

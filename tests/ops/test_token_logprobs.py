@@ -346,9 +346,11 @@ def test_kernel_op_rejects_bad_tensors_directly():
         op(x, t[:3], 1.0)
     with pytest.raises(RuntimeError, match="temperature"):
         op(x, t, 0.0)
-    lp, ent, lse = op(x, t, 1.0)
-    with pytest.raises(RuntimeError, match="lse"):
-        torch.ops.fastrlhf.token_logprobs_backward.default(lp, None, x, t, lse[:2], ent, 1.0)
+    lp, ent, stats = op(x, t, 1.0)
+    with pytest.raises(RuntimeError, match="entropy"):
+        torch.ops.fastrlhf.token_logprobs_backward.default(lp, None, x, t, stats, ent[:2], 1.0)
+    with pytest.raises(RuntimeError, match="grad_logprobs"):
+        torch.ops.fastrlhf.token_logprobs_backward.default(lp[:3], None, x, t, stats, ent, 1.0)
 
 
 # ---- opcheck and torch.compile ------------------------------------------------------------
@@ -368,10 +370,10 @@ def test_opcheck_token_logprobs_backward(device):
     for inp in list(sample_inputs(device, torch.float32))[:2]:
         V = inp["logits"].shape[-1]
         x, t, temp = inp["logits"].reshape(-1, V), inp["tokens"].reshape(-1), inp["temperature"]
-        lp, ent, lse = torch.ops.fastrlhf.token_logprobs.default(x, t, temp)
+        lp, ent, row_stats = torch.ops.fastrlhf.token_logprobs.default(x, t, temp)
         op = torch.ops.fastrlhf.token_logprobs_backward.default
-        torch.library.opcheck(op, (torch.randn_like(lp), torch.randn_like(ent), x, t, lse, ent, temp))
-        torch.library.opcheck(op, (torch.randn_like(lp), None, x, t, lse, ent, temp))
+        torch.library.opcheck(op, (torch.randn_like(lp), torch.randn_like(ent), x, t, row_stats, ent, temp))
+        torch.library.opcheck(op, (torch.randn_like(lp), None, x, t, row_stats, ent, temp))
 
 
 @pytest.mark.parametrize("device", DEVICES)

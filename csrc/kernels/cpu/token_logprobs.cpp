@@ -69,7 +69,8 @@ Status run(const Params& p, const cpu::ParallelFor& parallel_for) {
       A s, e;
       row_sums<S, A>(x, p.V, inv_t, m, s, e);
       const RowResult<A> r = finalize(m, s, e, load<A>(x + tok) * inv_t);
-      static_cast<A*>(p.lse)[i] = r.lse;
+      static_cast<A*>(p.row_stats)[2 * i] = r.max;
+      static_cast<A*>(p.row_stats)[2 * i + 1] = r.log_sum;
       static_cast<A*>(p.logprobs)[i] = r.logprob;
       static_cast<A*>(p.entropy)[i] = r.entropy;
     }
@@ -87,11 +88,12 @@ Status run_backward(const BackwardParams& p, const cpu::ParallelFor& parallel_fo
       S* dx = static_cast<S*>(p.grad_logits) + i * p.V;
       const A g = p.grad_logprobs ? static_cast<const A*>(p.grad_logprobs)[i] : A(0);
       const A h = p.grad_entropy ? static_cast<const A*>(p.grad_entropy)[i] : A(0);
-      const A lse = static_cast<const A*>(p.lse)[i];
+      const A m = static_cast<const A*>(p.row_stats)[2 * i];
+      const A log_s = static_cast<const A*>(p.row_stats)[2 * i + 1];
       const A H = static_cast<const A*>(p.entropy)[i];
       const int64_t tok = p.tokens[i];
       for (int64_t j = 0; j < p.V; ++j) {
-        const A d = grad_element(load<A>(x + j) * inv_t, lse, H, g, h) + (j == tok ? g : A(0));
+        const A d = grad_element(load<A>(x + j) * inv_t, m, log_s, H, g, h) + (j == tok ? g : A(0));
         store(dx + j, d * inv_t);
       }
     }

@@ -8,41 +8,45 @@
 namespace fastrlhf::kernels::value_loss {
 namespace {
 
-template <typename S, bool kClip>
+template <typename S>
 void forward_row(const Params& p, int64_t b) {
   using A = acc_t<S>;
-  const A clip = kClip ? A(p.clip) : A(0);
+  const A clip = A(p.clip);  // runtime (token() is branch-free); a compile-time 0 here was
+                             // miscompiled by GCC 12's omp-simd reduction lowering
   const int64_t o = b * p.T, T = p.T;
   const S* __restrict v = static_cast<const S*>(p.values) + o;
   const S* __restrict old = static_cast<const S*>(p.old_values) + o;
   const S* __restrict ret = static_cast<const S*>(p.returns) + o;
   const uint8_t* __restrict m = p.mask + o;
+  int64_t t0 = 0;  // first valid step: its return and residual shift the row's sums
+  while (t0 < T && !m[t0]) ++t0;
+  const A shift_r = t0 < T ? load<A>(ret + t0) : A(0);
+  const A shift_res = t0 < T ? load<A>(ret + t0) - load<A>(v + t0) : A(0);
   A s_loss = 0, s_clip = 0, s_r = 0, s_r2 = 0, s_res = 0, s_res2 = 0, s_v = 0, s_len = 0;
 #pragma omp simd reduction(+ : s_loss, s_clip, s_r, s_r2, s_res, s_res2, s_v, s_len)
   for (int64_t t = 0; t < T; ++t) {
     const A valid = m[t] != 0 ? A(1) : A(0);  // a number, not a bool: keeps the loop vectorizable
     const A vv = load<A>(v + t), r = load<A>(ret + t);
     const Token<A> k = token(vv, load<A>(old + t), r, clip);
-    const A res = r - vv;
+    const A dr = r - shift_r, dres = (r - vv) - shift_res;
     s_loss += valid > A(0) ? k.loss : A(0);  // selects: masked NaN/Inf never enter
     s_clip += valid > A(0) ? k.clipped : A(0);
-    s_r += valid > A(0) ? r : A(0);
-    s_r2 += valid > A(0) ? r * r : A(0);
-    s_res += valid > A(0) ? res : A(0);
-    s_res2 += valid > A(0) ? res * res : A(0);
+    s_r += valid > A(0) ? dr : A(0);
+    s_r2 += valid > A(0) ? dr * dr : A(0);
+    s_res += valid > A(0) ? dres : A(0);
+    s_res2 += valid > A(0) ? dres * dres : A(0);
     s_v += valid > A(0) ? vv : A(0);
     s_len += valid;
   }
   double* row = p.partials + b * kNumPartials;
-  row[kLoss] = s_loss, row[kClip] = s_clip, row[kR] = s_r, row[kR2] = s_r2;
-  row[kRes] = s_res, row[kRes2] = s_res2, row[kV] = s_v, row[kLen] = s_len;
+  row[kLoss] = s_loss, row[kClip] = s_clip, row[kRShift] = shift_r, row[kR] = s_r, row[kR2] = s_r2;
+  row[kResShift] = shift_res, row[kRes] = s_res, row[kRes2] = s_res2, row[kV] = s_v, row[kLen] = s_len;
 }
 
 template <typename S>
 void run(const Params& p, const cpu::ParallelFor& parallel_for) {
-  const bool clip = p.clip > 0;
   parallel_for(p.B, std::max<int64_t>(1, 4096 / std::max<int64_t>(p.T, 1)), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) clip ? forward_row<S, true>(p, b) : forward_row<S, false>(p, b);
+    for (int64_t b = b0; b < b1; ++b) forward_row<S>(p, b);
   });
   finalize<acc_t<S>>(p);
 }

@@ -41,8 +41,9 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
   const bool any_nan = __syncthreads_or(nan);
   if (threadIdx.x == 0) {
     RowResult<A> r = finalize(m, s, e, cuda::load<A>(x + tok) * inv_t);
-    if (any_nan) r = RowResult<A>{A(NAN), A(NAN), A(NAN)};
-    static_cast<A*>(p.lse)[i] = r.lse;
+    if (any_nan) r = RowResult<A>{A(NAN), A(NAN), A(NAN), A(NAN)};
+    static_cast<A*>(p.row_stats)[2 * i] = r.max;
+    static_cast<A*>(p.row_stats)[2 * i + 1] = r.log_sum;
     static_cast<A*>(p.logprobs)[i] = r.logprob;
     static_cast<A*>(p.entropy)[i] = r.entropy;
   }
@@ -57,11 +58,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
   const A inv_t = A(p.inv_temperature);
   const A g = p.grad_logprobs ? static_cast<const A*>(p.grad_logprobs)[i] : A(0);
   const A h = p.grad_entropy ? static_cast<const A*>(p.grad_entropy)[i] : A(0);
-  const A lse = static_cast<const A*>(p.lse)[i];
+  const A m = static_cast<const A*>(p.row_stats)[2 * i];
+  const A log_s = static_cast<const A*>(p.row_stats)[2 * i + 1];
   const A H = static_cast<const A*>(p.entropy)[i];
   const int64_t tok = p.tokens[i];
   for (int64_t j = threadIdx.x; j < p.V; j += kThreads) {
-    const A d = grad_element(cuda::load<A>(x + j) * inv_t, lse, H, g, h) + (j == tok ? g : A(0));
+    const A d = grad_element(cuda::load<A>(x + j) * inv_t, m, log_s, H, g, h) + (j == tok ? g : A(0));
     cuda::store(dx + j, d * inv_t);
   }
 }

@@ -17,18 +17,32 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Params p) {
   const S* old = static_cast<const S*>(p.old_values) + o;
   const S* ret = static_cast<const S*>(p.returns) + o;
   const uint8_t* m = p.mask + o;
+  // first valid step (block-wide min, as a max of negated indices): its return and residual
+  // shift the row's sums (see value_loss.h)
+  double neg_first = -HUGE_VAL;
+  for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
+    if (m[t]) {
+      neg_first = -double(t);
+      break;
+    }
+  }
+  neg_first = cuda::block_max(neg_first, smem);
+  const bool any = neg_first > -HUGE_VAL;
+  const int64_t t0 = any ? int64_t(-neg_first) : 0;
+  const A shift_r = any ? cuda::load<A>(ret + t0) : A(0);
+  const A shift_res = any ? cuda::load<A>(ret + t0) - cuda::load<A>(v + t0) : A(0);
   double s[kNumPartials] = {};
   for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
     if (!m[t]) continue;
     const A vv = cuda::load<A>(v + t), r = cuda::load<A>(ret + t);
     const Token<A> k = token(vv, cuda::load<A>(old + t), r, A(p.clip));
-    const double res = double(r) - double(vv);
+    const double dr = double(r - shift_r), dres = double((r - vv) - shift_res);
     s[kLoss] += k.loss;
     s[kClip] += k.clipped;
-    s[kR] += r;
-    s[kR2] += double(r) * double(r);
-    s[kRes] += res;
-    s[kRes2] += res * res;
+    s[kR] += dr;
+    s[kR2] += dr * dr;
+    s[kRes] += dres;
+    s[kRes2] += dres * dres;
     s[kV] += vv;
     s[kLen] += 1;
   }
@@ -37,6 +51,7 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Params p) {
     const double total = cuda::block_sum(s[k], smem);
     if (threadIdx.x == 0) row[k] = total;
   }
+  if (threadIdx.x == 0) row[kRShift] = shift_r, row[kResShift] = shift_res;
 }
 
 template <typename S>

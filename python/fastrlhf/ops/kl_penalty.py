@@ -21,9 +21,9 @@ KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
 Estimator = Literal["k1", "k2", "k3", "abs"]
 
 
-def estimator_code(op: str, estimator: str) -> int:
+def estimator_code(op: str, estimator: str, name: str = "estimator") -> int:
     if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"fastrlhf.ops.{op}: kl estimator must be one of {list(KL_ESTIMATORS)}, got {estimator!r}")
+        raise ValueError(f"fastrlhf.ops.{op}: {name} must be one of {list(KL_ESTIMATORS)}, got {estimator!r}")
     return KL_ESTIMATORS[estimator]
 
 

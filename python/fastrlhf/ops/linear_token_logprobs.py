@@ -3,7 +3,7 @@ never materializing the ``[N, V]`` logits.
 
 Rows are processed in chunks of ``chunk_size``: ``logits_c = hidden_c @ weight.T (+ bias)``
 (ATen matmul) feeds the fused :func:`~fastrlhf.ops.token_logprobs` kernel; only per-row
-log-sum-exp and entropy are kept. The backward recomputes each chunk's logits (one extra
+(max, log-sum) and entropy are kept. The backward recomputes each chunk's logits (one extra
 matmul, the price of never storing them), turns them into ``dlogits`` with the fused backward
 kernel and accumulates ``grad_hidden``, ``grad_weight`` (fp32 accumulator for 16-bit weights)
 and ``grad_bias``. Peak extra memory is about ``chunk_size x V`` logits instead of ``N x V``.
@@ -100,24 +100,26 @@ if _ext.extension_available():
     def _fake(hidden, weight, tokens, bias, temperature, chunk_size):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         N = hidden.shape[0]
-        return tuple(hidden.new_empty((N,), dtype=acc) for _ in range(3))
+        return hidden.new_empty((N,), dtype=acc), hidden.new_empty((N,), dtype=acc), hidden.new_empty((N, 2), dtype=acc)
 
     @torch.library.register_fake("fastrlhf::linear_token_logprobs_backward")
-    def _backward_fake(grad_logprobs, grad_entropy, hidden, weight, tokens, bias, lse, entropy, temperature, chunk_size):
+    def _backward_fake(grad_logprobs, grad_entropy, hidden, weight, tokens, bias, row_stats, entropy, temperature,
+                       chunk_size):
         grad_bias = weight.new_empty(weight.shape[:1] if bias is not None else (0,))
         return hidden.new_empty(hidden.shape), weight.new_empty(weight.shape), grad_bias
 
     def _setup_context(ctx, inputs, output):
         hidden, weight, tokens, bias, temperature, chunk_size = inputs
-        _, entropy, lse = output
-        ctx.save_for_backward(hidden, weight, tokens, bias, lse, entropy)
+        _, entropy, row_stats = output
+        ctx.save_for_backward(hidden, weight, tokens, bias, row_stats, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
-        ctx.mark_non_differentiable(lse)
+        ctx.mark_non_differentiable(row_stats)
 
-    def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-        hidden, weight, tokens, bias, lse, entropy = ctx.saved_tensors
+    def _backward(ctx, grad_logprobs, grad_entropy, _grad_row_stats):
+        hidden, weight, tokens, bias, row_stats, entropy = ctx.saved_tensors
         gh, gw, gb = torch.ops.fastrlhf.linear_token_logprobs_backward.default(
-            grad_logprobs, grad_entropy, hidden, weight, tokens, bias, lse, entropy, ctx.temperature, ctx.chunk_size
+            grad_logprobs, grad_entropy, hidden, weight, tokens, bias, row_stats, entropy, ctx.temperature,
+            ctx.chunk_size,
         )
         return gh, gw, None, (gb if bias is not None else None), None, None
 

@@ -86,7 +86,7 @@ def policy_loss(
             raise ValueError(f"fastrlhf.ops.{op}: dual_clip must be > 1 (e.g. 3.0), got {dual_clip}")
     kl_coef = check_finite_scalar(op, "kl_coef", kl_coef)
     entropy_coef = check_finite_scalar(op, "entropy_coef", entropy_coef)
-    est = estimator_code(op, kl_estimator)
+    est = estimator_code(op, kl_estimator, "kl_estimator")
     agg_i = agg_code(op, agg)
     normalizer_f = positive_or_none(op, "normalizer", normalizer)
     norm_length_f = positive_or_none(op, "norm_length", norm_length)

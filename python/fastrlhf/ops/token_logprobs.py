@@ -1,7 +1,7 @@
 """Log-probabilities of chosen tokens (and per-position entropy) from logits, fused.
 
 One pass over the vocabulary per row (max, then exp-sums that reuse the row from cache); the
-backward writes ``dlogits`` directly from the saved per-row log-sum-exp and entropy, in the
+backward writes ``dlogits`` directly from the saved per-row (max, log-sum) and entropy, in the
 logits dtype: for bf16/fp16 logits no fp32 ``[N, V]`` tensor is allocated, forward or backward.
 Math in ``csrc/kernels/token_logprobs.h``.
 
@@ -80,24 +80,24 @@ if _ext.extension_available():
     def _token_logprobs_fake(logits, tokens, temperature):
         torch._check(logits.dim() == 2, lambda: "logits must be [N, V]")
         torch._check(tokens.shape == logits.shape[:1], lambda: "tokens must be [N]")
-        N = logits.shape[0]
-        return tuple(logits.new_empty((N,), dtype=_acc(logits.dtype)) for _ in range(3))
+        N, acc = logits.shape[0], _acc(logits.dtype)
+        return logits.new_empty((N,), dtype=acc), logits.new_empty((N,), dtype=acc), logits.new_empty((N, 2), dtype=acc)
 
     @torch.library.register_fake("fastrlhf::token_logprobs_backward")
-    def _token_logprobs_backward_fake(grad_logprobs, grad_entropy, logits, tokens, lse, entropy, temperature):
+    def _token_logprobs_backward_fake(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy, temperature):
         return logits.new_empty(logits.shape)
 
     def _setup_context(ctx, inputs, output):
         logits, tokens, temperature = inputs
-        _, entropy, lse = output
-        ctx.save_for_backward(logits, tokens, lse, entropy)
+        _, entropy, row_stats = output
+        ctx.save_for_backward(logits, tokens, row_stats, entropy)
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(lse)
+        ctx.mark_non_differentiable(row_stats)
 
-    def _backward(ctx, grad_logprobs, grad_entropy, _grad_lse):
-        logits, tokens, lse, entropy = ctx.saved_tensors
+    def _backward(ctx, grad_logprobs, grad_entropy, _grad_row_stats):
+        logits, tokens, row_stats, entropy = ctx.saved_tensors
         grad_logits = torch.ops.fastrlhf.token_logprobs_backward.default(
-            grad_logprobs, grad_entropy, logits, tokens, lse, entropy, ctx.temperature
+            grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy, ctx.temperature
         )
         return grad_logits, None, None
 

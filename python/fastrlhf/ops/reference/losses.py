@@ -116,9 +116,9 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
         def mean(x):
             return torch.where(mask, x.to(acc), z).sum() / n
 
-        var_r = mean(ret**2) - mean(ret) ** 2
         res = ret - v
-        var_res = mean(res**2) - mean(res) ** 2
+        var_r = mean((ret - mean(ret)) ** 2)  # two-pass, as np.var: exactly 0 for constant returns
+        var_res = mean((res - mean(res)) ** 2)
         stats = {
             "clipfrac": mean(clipped),
             "explained_variance": torch.where(var_r > 0, 1 - var_res / var_r, torch.full_like(var_r, float("nan"))),
