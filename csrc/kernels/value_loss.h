@@ -14,8 +14,9 @@
 namespace fastrlhf::kernels::value_loss {
 
 // Returns R and residuals R - v are summed shifted by the row's first valid value (kRShift,
-// kResShift): the variances in explained_variance are then exact (0 for constant returns) and
-// free of E[x^2] - E[x]^2 cancellation; rows are combined with Chan's formula.
+// kResShift); finalize re-centres every row on the first non-empty row's shift, so the
+// variances in explained_variance are exactly 0 for constant returns and free of the
+// E[x^2] - E[x]^2 cancellation of large means.
 enum Partial : int { kLoss = 0, kClip, kRShift, kR, kR2, kResShift, kRes, kRes2, kV, kLen, kNumPartials };
 enum Stat : int { kStatClipFrac = 0, kStatExplainedVariance, kStatValueMean, kStatReturnMean, kNumStats };
 
@@ -75,26 +76,23 @@ FRL_HD void finalize(const Params& p) {
     for (int k = kClip; k < kNumPartials; ++k) s[k] += row[k];
   }
   const double inv = n_tok > 0 ? 1.0 / n_tok : 0.0;
-  // Chan et al.: combine per-row (count, mean, M2) of the shifted sums
-  double mean_r = 0, mean_res = 0;
-  for (int64_t b = 0; b < p.B; ++b) {
-    const double* row = part + b * kNumPartials;
-    if (row[kLen] > 0) {
-      mean_r += row[kLen] * row[kRShift] + row[kR];
-      mean_res += row[kLen] * row[kResShift] + row[kRes];
-    }
-  }
-  mean_r *= inv, mean_res *= inv;
-  double m2_r = 0, m2_res = 0;
+  // Re-centre each row's shifted sums on one batch-wide shift c (the first non-empty row's):
+  // sum (x - c) = S1 + n d, sum (x - c)^2 = S2 + 2 d S1 + n d^2 with d = s_b - c.
+  double c_r = 0, c_res = 0, s1_r = 0, s2_r = 0, s1_res = 0, s2_res = 0;
+  bool have_c = false;
   for (int64_t b = 0; b < p.B; ++b) {
     const double* row = part + b * kNumPartials;
     const double n_b = row[kLen];
-    if (n_b > 0) {
-      const double dr = row[kRShift] + row[kR] / n_b - mean_r, dres = row[kResShift] + row[kRes] / n_b - mean_res;
-      m2_r += row[kR2] - row[kR] * row[kR] / n_b + n_b * dr * dr;
-      m2_res += row[kRes2] - row[kRes] * row[kRes] / n_b + n_b * dres * dres;
-    }
+    if (!(n_b > 0)) continue;
+    if (!have_c) c_r = row[kRShift], c_res = row[kResShift], have_c = true;
+    const double dr = row[kRShift] - c_r, dres = row[kResShift] - c_res;
+    s1_r += row[kR] + n_b * dr;
+    s2_r += row[kR2] + 2 * dr * row[kR] + n_b * dr * dr;
+    s1_res += row[kRes] + n_b * dres;
+    s2_res += row[kRes2] + 2 * dres * row[kRes] + n_b * dres * dres;
   }
+  const double mean_r = c_r + s1_r * inv;
+  const double m2_r = s2_r - s1_r * s1_r * inv, m2_res = s2_res - s1_res * s1_res * inv;
   const double var_r = m2_r * inv, var_res = m2_res * inv;
   A* st = static_cast<A*>(p.stats);
   st[kStatClipFrac] = A(s[kClip] * inv);

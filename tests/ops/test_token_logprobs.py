@@ -395,6 +395,26 @@ def test_torch_compile_fullgraph(device):
     assert x1.grad is not None and torch.equal(x1.grad, x2.grad)
 
 
+# ---- determinism --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bitwise_deterministic_across_calls_and_threads(dtype):
+    logits, tokens = make_inputs((64,), 1003, dtype=dtype, seed=9)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a = forward_backward(logits, tokens, temperature=0.8)
+        b = forward_backward(logits, tokens, temperature=0.8)
+        torch.set_num_threads(1)
+        c = forward_backward(logits, tokens, temperature=0.8)
+    finally:
+        torch.set_num_threads(before)
+    for other in (b, c):
+        for name, x, y in zip(("logprobs", "entropy", "grad_logits"), a, other):
+            assert torch.equal(x, y), name
+
+
 # ---- memory: no fp32 [N, V] tensor for 16-bit logits --------------------------------------
 
 

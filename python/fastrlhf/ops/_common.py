@@ -109,13 +109,19 @@ def check_finite_scalar(op: str, name: str, value: float, *, low=None, high=None
     return value
 
 
-def forbid_grad(op: str, **tensors) -> None:
-    """These ops compute training *targets*; they have no backward. Refuse silently-detached
-    gradients: if autograd would need one, raise and say what to do."""
+def forbid_grad(op: str, *, differentiable: str | None = None, **tensors) -> None:
+    """Refuse silently-detached gradients: if autograd would need a gradient this op does not
+    provide, raise and say what to do. ``differentiable`` names the inputs that do get gradients
+    (for losses); without it the whole op computes training *targets* and has no backward."""
     if not torch.is_grad_enabled():
         return
     for name, t in tensors.items():
         if isinstance(t, torch.Tensor) and t.requires_grad:
+            if differentiable:
+                raise RuntimeError(
+                    f"fastrlhf.ops.{op}: {name} requires grad, but it is a constant of this loss "
+                    f"(gradients flow only to {differentiable}); pass {name}.detach()"
+                )
             raise RuntimeError(
                 f"fastrlhf.ops.{op} is not differentiable but {name} requires grad; pass "
                 f"{name}.detach() (targets are computed without gradients) or call it under "

@@ -90,7 +90,8 @@ def policy_loss(
     agg_i = agg_code(op, agg)
     normalizer_f = positive_or_none(op, "normalizer", normalizer)
     norm_length_f = positive_or_none(op, "norm_length", norm_length)
-    forbid_grad(op, old_logprobs=old_logprobs, advantages=advantages, ref_logprobs=ref_logprobs)
+    forbid_grad(op, differentiable="logprobs and entropy", old_logprobs=old_logprobs, advantages=advantages,
+                ref_logprobs=ref_logprobs)
 
     dtype = common_float_dtype(logprobs, old_logprobs, advantages, ref_logprobs, entropy)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731

@@ -49,7 +49,7 @@ def value_loss(
     agg_i = agg_code(op, agg)
     normalizer_f = positive_or_none(op, "normalizer", normalizer)
     norm_length_f = positive_or_none(op, "norm_length", norm_length)
-    forbid_grad(op, old_values=old_values, returns=returns)
+    forbid_grad(op, differentiable="values", old_values=old_values, returns=returns)
     dtype = common_float_dtype(values, old_values, returns)
     values, old_values, returns = values.to(dtype), old_values.to(dtype), returns.to(dtype)
     if use_kernel(op, impl, values.device, dtype):

@@ -117,8 +117,13 @@ def value_loss(values, old_values, returns, mask, *, clip=0.2, agg="token-mean",
             return torch.where(mask, x.to(acc), z).sum() / n
 
         res = ret - v
-        var_r = mean((ret - mean(ret)) ** 2)  # two-pass, as np.var: exactly 0 for constant returns
-        var_res = mean((res - mean(res)) ** 2)
+
+        def var(x):  # shifted by a valid sample, then two-pass: exactly 0 for constant data
+            first = x[mask][:1]
+            xs = x - (first if first.numel() else torch.zeros(1, dtype=x.dtype))
+            return mean((xs - mean(xs)) ** 2)
+
+        var_r, var_res = var(ret), var(res)
         stats = {
             "clipfrac": mean(clipped),
             "explained_variance": torch.where(var_r > 0, 1 - var_res / var_r, torch.full_like(var_r, float("nan"))),
