@@ -60,6 +60,15 @@ TORCH_LIBRARY(fastrlhf, m) {
         "int agg, float normalizer, float norm_length) -> (Tensor, Tensor, Tensor)");
   m.def("value_loss_backward(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, "
         "Tensor mask, Tensor row_weight, float clip) -> Tensor");
+
+  // ---- sampling (python/fastrlhf/ops/sample.py) ----
+  // logits [B, V]; each parameter a [B] tensor or the scalar after it; token_history [B, L]
+  // (-1 padding) -> (tokens [B] int64, logprobs [B] fp32, raw_logprobs [B] fp32)
+  m.def("sample(Tensor logits, Tensor? temperature, float temperature_val, Tensor? top_k, int top_k_val, "
+        "Tensor? top_p, float top_p_val, Tensor? min_p, float min_p_val, Tensor? epsilon, float epsilon_val, "
+        "Tensor? repetition_penalty, float repetition_penalty_val, Tensor? presence_penalty, "
+        "float presence_penalty_val, Tensor? frequency_penalty, float frequency_penalty_val, "
+        "Tensor? token_history, int seed, int offset) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace py = pybind11;

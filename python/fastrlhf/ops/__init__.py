@@ -16,6 +16,7 @@ from fastrlhf.ops.linear_token_logprobs import LinearTokenLogprobs, linear_token
 from fastrlhf.ops.kl_penalty import KLPenalty, kl_penalty
 from fastrlhf.ops.policy_loss import PPOLoss, policy_loss
 from fastrlhf.ops.value_loss import ValueLoss, value_loss
+from fastrlhf.ops.sample import SampleOutput, sample
 
 __all__ = [
     "reference",
@@ -39,4 +40,6 @@ __all__ = [
     "PPOLoss",
     "value_loss",
     "ValueLoss",
+    "sample",
+    "SampleOutput",
 ]
