@@ -143,7 +143,7 @@ def machine_info(device: str) -> dict:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ["op", "shape", "dtype", "provider", "ms", "GB/s", "%bw", "speedup", "mem"]
+    head = ["op", "shape", "dtype", "provider", "ms", "GB/s", "%bw", "speedup", "mem / passes"]
     lines = [head]
     for r in rows:
         lines.append([
@@ -151,7 +151,8 @@ def format_table(rows: list[Row]) -> str:
             "" if r.gbps is None else f"{r.gbps:.1f}",
             "" if r.frac_bw is None else f"{100 * r.frac_bw:.0f}%",
             "" if r.speedup is None else f"{r.speedup:.1f}x vs {r.vs}",
-            f"{r.extra['mem_x']:.2f}x logits" if "mem_x" in r.extra else "",
+            f"{r.extra['mem_x']:.2f}x logits" if "mem_x" in r.extra
+            else (f"{r.extra['passes_over_logits']:.1f} passes" if "passes_over_logits" in r.extra else ""),
         ])
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
     out = []

@@ -9,12 +9,15 @@ import sys
 import pytest
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
-SCRIPTS = ["gae", "group_advantages", "whiten", "td_targets"]
+SCRIPTS = ["gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "sample"]
 PROVIDERS = {
     "gae": {"kernel", "loop", "vectorized", "reference"},
     "group_advantages": {"kernel", "eager", "reference"},
     "whiten": {"kernel", "eager_trl", "reference"},
     "td_targets": {"kernel", "eager", "reference"},
+    "token_logprobs": {"kernel", "eager", "reference"},
+    "losses": {"kernel", "eager"},
+    "sample": {"kernel", "sort_based", "reference"},
 }
 
 
