@@ -28,15 +28,16 @@ Status run(const Params& p, const cpu::ParallelFor& parallel_for) {
           if (a < 0 || a >= na) { bad = true; continue; }
           next = load<A>(row + a);
         } else {
-          // 8 independent running maxima, then combined (NaN propagates through nan_max)
-          A m[8];
-          for (int l = 0; l < 8; ++l) m[l] = -std::numeric_limits<A>::infinity();
-          int64_t a = 0;
-          for (; a + 8 <= na; a += 8)
-            for (int l = 0; l < 8; ++l) m[l] = nan_max(m[l], load<A>(row + a + l));
-          for (; a < na; ++a) m[0] = nan_max(m[0], load<A>(row + a));
-          next = m[0];
-          for (int l = 1; l < 8; ++l) next = nan_max(next, m[l]);
+          // vectorized max ignoring NaN, plus a NaN count: a NaN anywhere in the row propagates
+          A m = -std::numeric_limits<A>::infinity();
+          int nans = 0;
+#pragma omp simd reduction(max : m) reduction(+ : nans)
+          for (int64_t a = 0; a < na; ++a) {
+            const A v = load<A>(row + a);
+            m = v > m ? v : m;
+            nans += v != v;
+          }
+          next = nans ? std::numeric_limits<A>::quiet_NaN() : m;
         }
       }
       store(out + i, target(load<A>(r + i), next, done, gamma));
