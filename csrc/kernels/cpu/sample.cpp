@@ -226,9 +226,13 @@ bool run_row(const Params& p, int64_t b, Scratch& s) {
     token = br.uniform ? std::min<int64_t>(V - 1, int64_t(br.u * double(V))) : arg;
     lq = log_q(token == arg, 1.0f, 1.0, eps, V);
   } else {
+    // tempered logits stored first, then their max: exp(x - m) is then exactly 1 at the max
+    // (computing x * inv_t - m in one expression lets the compiler fuse it into an FMA whose
+    // unrounded product disagrees with the rounded one the max was taken of)
     const float inv_t = 1.0f / temperature;
-    const float m = max_of(e, V, inv_t);
-    sum_exp(e, V, inv_t, m, true);  // e_j = exp(x_j / T - m) in place
+    for (int64_t j = 0; j < V; ++j) e[j] *= inv_t;
+    const float m = max_of(e, V, 1.0f);
+    sum_exp(e, V, 1.0f, m, true);  // e_j = exp(x_j / T - m) in place, max e = 1
     float tau = topk_topp_threshold(s, V, k, p.top_p.at(b));
     tau = std::max(tau, p.min_p.at(b));  // e_max = 1: min-p relative to the largest probability
     double z = 0;
@@ -238,7 +242,7 @@ bool run_row(const Params& p, int64_t b, Scratch& s) {
     } else {
       const double target = br.u * z;
       double c = 0;
-      int64_t last = 0;
+      int64_t last = -1;
       token = -1;
       for (int64_t j = 0; j < V; ++j) {
         if (e[j] < tau) continue;
@@ -250,6 +254,8 @@ bool run_row(const Params& p, int64_t b, Scratch& s) {
         }
       }
       if (token < 0) token = last;  // target within rounding of z: the last kept token
+      if (token < 0) token = int64_t(std::max_element(e, e + V) - e);  // nothing kept: cannot
+                                                                        // happen (max e = 1)
     }
     lq = log_q(e[token] >= tau, e[token], z, eps, V);
   }

@@ -121,12 +121,18 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(Params p) {
     }
   } else {
     // 3b. e_j = exp(x_j / T - max)
+    // tempered logits stored first, then their max, so exp(x - m) is exactly 1 at the max
+    // (an FMA-contracted x * inv_t - m would disagree with the rounded product)
     const float inv_t = 1.0f / temperature;
     float mt = -INFINITY;
-    for (int64_t j = threadIdx.x; j < V; j += kThreads) mt = fmaxf(mt, e[j] * inv_t);
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) {
+      const float t = __fmul_rn(e[j], inv_t);  // __fmul_rn: never contracted into an FMA
+      e[j] = t;
+      mt = fmaxf(mt, t);
+    }
     mt = cuda::block_max(mt, fsmem);
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < V; j += kThreads) e[j] = __expf(e[j] * inv_t - mt);
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) e[j] = e[j] == mt ? 1.0f : __expf(e[j] - mt);
     __syncthreads();
 
     // 4. thresholds (as float bits; e >= 0 so bits are ordered like values)
