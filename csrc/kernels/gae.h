@@ -50,42 +50,48 @@ FRL_HD A step(State<A>& s, A r, A v, bool valid, bool done, A gamma, A gamma_lam
 }
 
 // The affine map s_in -> s_out of a run of steps:
-//   adv_out = c_adv + m_adv * adv_in + m_nv * nv_in
-//   nv_out  = p + q * nv_in
+//   adv_out = c_adv + m_adv * adv_in + m_nv * nv_in       (no input term at all when `cut`)
+//   nv_out  = p + q * nv_in                                (q is exactly 0 or 1)
+// `cut`: the run holds a valid done step, so its output does not depend on the input state.
+// Keeping that as a flag (not as m_adv = m_nv = 0) matters: (gamma lam)^n underflows to an exact
+// 0 after ~2000 steps in fp32, and such a 0 must still multiply (NaN/Inf propagate as in the
+// sequential recurrence), while a cut must not.
 template <typename A>
 struct Map {
   A c_adv, m_adv, m_nv, p, q;
+  bool cut;
 };
 
-// a * b, except that an exact 0 coefficient yields 0 even when b is NaN/Inf: a 0 in a map
-// means "does not depend on" (an episode end cuts the dependency), not a number to multiply.
 template <typename A>
-FRL_HD A mul0(A a, A b) { return a == A(0) ? A(0) : a * b; }
-
-template <typename A>
-FRL_HD Map<A> identity_map() { return Map<A>{A(0), A(1), A(0), A(0), A(1)}; }
+FRL_HD Map<A> identity_map() { return Map<A>{A(0), A(1), A(0), A(0), A(1), false}; }
 
 template <typename A>
 FRL_HD Map<A> step_map(A r, A v, bool valid, bool done, A gamma, A gamma_lam) {
   if (!valid) return identity_map<A>();
-  const A keep = done ? A(0) : A(1);
-  return Map<A>{r - v, gamma_lam * keep, gamma * keep, v, A(0)};
+  if (done) return Map<A>{r - v, A(0), A(0), v, A(0), true};
+  return Map<A>{r - v, gamma_lam, gamma, v, A(0), false};
 }
+
+// q is 0 (a valid step) or 1 (none): q * x selects, so a masked NaN never enters.
+template <typename A>
+FRL_HD A select_q(A q, A x) { return q == A(0) ? A(0) : x; }
 
 // Composition "left after right": the map of steps [i, k) given `left` for [i, j) and `right`
 // for [j, k). The scan runs right to left, so `right` is applied to the state first.
 template <typename A>
 FRL_HD Map<A> compose(const Map<A>& left, const Map<A>& right) {
-  return Map<A>{left.c_adv + mul0(left.m_adv, right.c_adv) + mul0(left.m_nv, right.p),
-                mul0(left.m_adv, right.m_adv),
-                mul0(left.m_adv, right.m_nv) + mul0(left.m_nv, right.q),
-                left.p + mul0(left.q, right.p),
-                mul0(left.q, right.q)};
+  const bool cut = left.cut || right.cut;
+  return Map<A>{left.c_adv + (left.cut ? A(0) : left.m_adv * right.c_adv + left.m_nv * right.p),
+                cut ? A(0) : left.m_adv * right.m_adv,
+                cut ? A(0) : left.m_adv * right.m_nv + left.m_nv * right.q,
+                left.p + select_q(left.q, right.p),
+                left.q * right.q,
+                cut};
 }
 
 template <typename A>
 FRL_HD State<A> apply(const Map<A>& m, const State<A>& s) {
-  return State<A>{m.c_adv + mul0(m.m_adv, s.adv) + mul0(m.m_nv, s.nv), m.p + mul0(m.q, s.nv)};
+  return State<A>{m.c_adv + (m.cut ? A(0) : m.m_adv * s.adv + m.m_nv * s.nv), m.p + select_q(m.q, s.nv)};
 }
 
 }  // namespace fastrlhf::kernels::gae

@@ -116,7 +116,7 @@ namespace fastrlhf::kernels::sample {
 Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
 #if defined(FASTRLHF_WITH_CUDA)
 // CUDA: one block per row; thresholds by bisection on float bits with block reductions; the
-// draw by a block-wide prefix sum. No host synchronization; NaN logits trip a device assert.
+// draw by a block-wide prefix sum. No host synchronization; NaN logits trip a device-side check.
 cudaError_t launch_cuda(const Params& p, DType dtype, cudaStream_t stream);
 #endif
 }  // namespace fastrlhf::kernels::sample

@@ -48,7 +48,7 @@ FRL_HD A updated(A q, A y, A alpha) { return q + alpha * (y - q); }
 
 namespace fastrlhf::kernels::td_targets {
 // CPU launchers return kIndexOutOfRange for an action outside [0, A); CUDA kernels trap with a
-// device-side assert, as torch's own gather does.
+// device-side check (FRL_DEVICE_CHECK), as torch's own gather does.
 Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
 Status launch_q_update_cpu(const QUpdateParams& p, DType dtype, const cpu::ParallelFor& parallel_for);
 #if defined(FASTRLHF_WITH_CUDA)

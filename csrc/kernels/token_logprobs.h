@@ -88,7 +88,7 @@ Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel
 Status launch_backward_cpu(const BackwardParams& p, DType dtype, const cpu::ParallelFor& parallel_for);
 #if defined(FASTRLHF_WITH_CUDA)
 // CUDA: one block per row, block reductions in a fixed order; tokens out of range trip a
-// device-side assert.
+// device-side check (FRL_DEVICE_CHECK).
 cudaError_t launch_cuda(const Params& p, DType dtype, cudaStream_t stream);
 cudaError_t launch_backward_cuda(const BackwardParams& p, DType dtype, cudaStream_t stream);
 #endif

@@ -540,3 +540,22 @@ def test_discounted_returns_forbid_grad():
     with torch.no_grad():
         out = discounted_returns(r, gamma=0.9)
     assert math.isclose(out[0, -1].item(), r[0, -1].item())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("T", [4096, 20000])
+def test_nan_propagates_through_long_rows(device, T):
+    """(gamma * lam)^n underflows to an exact 0 in fp32 after ~2000 steps; the chunked scan must
+    still multiply it (0 * NaN = NaN), like the sequential recurrence and the reference, and only
+    an episode end may cut the dependency. B = 2 < 8 and T >= 8192 take the CPU's chunked path."""
+    r = torch.zeros(2, T, device=device)
+    v = torch.zeros(2, T, device=device)
+    r[0, -1] = float("nan")
+    dones = torch.zeros(2, T, dtype=torch.bool, device=device)
+    dones[1, T // 2] = True
+    r[1, -1] = float("nan")
+    got = gae(r, v, dones=dones, gamma=0.99, lam=0.95, impl="kernel").advantages.cpu()
+    want = gae(r.cpu(), v.cpu(), dones=dones.cpu(), gamma=0.99, lam=0.95, impl="reference").advantages
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    assert torch.isnan(got[0]).all()
+    assert not torch.isnan(got[1, : T // 2 + 1]).any() and torch.isnan(got[1, T // 2 + 1 :]).all()

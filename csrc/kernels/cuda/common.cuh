@@ -6,7 +6,20 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdio>
+
 #include "../common.h"
+
+// A device-side check that is never compiled out (assert() is, under the Release build's
+// -DNDEBUG): prints the message and traps, which surfaces on the host as a CUDA error at the next
+// synchronization -- the behaviour of torch's own index checks (CUDA_KERNEL_ASSERT).
+#define FRL_DEVICE_CHECK(cond, msg)            \
+  do {                                         \
+    if (!(cond)) {                             \
+      printf("fastrlhf device check: %s\n", msg); \
+      __trap();                                \
+    }                                          \
+  } while (0)
 
 namespace fastrlhf::kernels::cuda {
 

@@ -7,8 +7,6 @@
 //   5. the draw: per-thread contiguous chunks, block prefix sum of their kept mass, the owning
 //      thread scans its chunk
 // Every reduction has a fixed order: the same call gives the same tokens. No host sync.
-#include <cassert>
-
 #include "../sample.h"
 #include "common.cuh"
 
@@ -76,7 +74,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(Params p) {
     m = fmaxf(m, v);
   }
   nan = __syncthreads_or(nan);
-  assert(!nan && "fastrlhf.sample: logits contain NaN");
+  FRL_DEVICE_CHECK(!nan, "fastrlhf.sample: logits contain NaN");
   const float raw_max = cuda::block_max(m, fsmem);
   float rs = 0;
   for (int64_t j = threadIdx.x; j < V; j += kThreads) rs += __expf(e[j] - raw_max);
@@ -171,7 +169,10 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(Params p) {
     __syncthreads();
     if (!br.uniform) {
       const double target = br.u * z;
-      if (before <= target && target < before + mine) {  // exactly one thread owns the target
+      // the owner: the last thread with kept mass whose chunk starts at or before the target
+      // (a block max of thread ids: exactly one owner, whatever the rounding of the scan)
+      const float owner = cuda::block_max(before <= target && mine > 0 ? float(threadIdx.x) : -1.0f, fsmem);
+      if (float(threadIdx.x) == owner) {
         double c = before;
         int64_t pick = last_kept;  // rounding: the chunk's last kept token
         for (int64_t j = j0; j < j1; ++j) {

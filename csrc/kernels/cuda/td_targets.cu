@@ -1,8 +1,6 @@
 // CUDA kernels for td_targets and q_update (math in ../td_targets.h). td_targets: one warp per
 // row (max over actions by lane strides + butterfly max); q_update: a grid-stride copy with the
-// taken action's entry updated. Bad actions trip a device-side assert (like torch.gather).
-#include <cassert>
-
+// taken action's entry updated. Bad actions trip FRL_DEVICE_CHECK (like torch.gather).
 #include "../td_targets.h"
 #include "common.cuh"
 
@@ -31,7 +29,7 @@ __global__ void __launch_bounds__(kWarps * 32) td_kernel(Params p) {
   if (!done) {
     if (p.next_actions) {
       const int64_t a = p.next_actions[i];
-      assert(a >= 0 && a < na && "fastrlhf.td_targets: next_actions out of range");
+      FRL_DEVICE_CHECK(a >= 0 && a < na, "fastrlhf.td_targets: next_actions out of range");
       next = cuda::load<A>(row + a);
     } else {
       A m = -INFINITY;
@@ -55,7 +53,7 @@ __global__ void q_update_kernel(QUpdateParams p) {
        j += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = j / p.num_actions, a = j % p.num_actions;
     const int64_t taken = p.actions[i];
-    assert(taken >= 0 && taken < p.num_actions && "fastrlhf.q_update: actions out of range");
+    FRL_DEVICE_CHECK(taken >= 0 && taken < p.num_actions, "fastrlhf.q_update: actions out of range");
     if (a == taken) {
       cuda::store(out + j, updated(cuda::load<A>(q + j), cuda::load<A>(static_cast<const S*>(p.targets) + i),
                                    A(p.alpha)));

@@ -1,8 +1,6 @@
 // CUDA kernels for token_logprobs (math in ../token_logprobs.h). One block per row: a max pass
 // and an exp-sum pass over the row (the second read mostly hits L2), block reductions in a
 // fixed order; the backward writes dlogits in one grid-stride pass per row.
-#include <cassert>
-
 #include "../token_logprobs.h"
 #include "common.cuh"
 
@@ -19,7 +17,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
   const S* x = static_cast<const S*>(p.logits) + i * p.V;
   const A inv_t = A(p.inv_temperature);
   const int64_t tok = p.tokens[i];
-  assert(tok >= 0 && tok < p.V && "fastrlhf.token_logprobs: token out of range");
+  FRL_DEVICE_CHECK(tok >= 0 && tok < p.V, "fastrlhf.token_logprobs: token out of range");
 
   A m = A(-INFINITY);
   bool nan = false;

@@ -7,7 +7,7 @@
 Shapes: ``rewards [...]``, ``next_q [..., A]``: a batch of tabular rows (``[B, A]``) or a
 token-level Q head (``[B, T, A]``). At done steps y = r exactly and ``next_q`` is not read, so a
 garbage (even NaN) terminal row is harmless; elsewhere NaN in ``next_q`` propagates. Actions
-outside ``[0, A)`` raise (CPU) or trip a device-side assert (CUDA), like ``torch.gather``.
+outside ``[0, A)`` raise (CPU) or trip a device-side check (CUDA), like ``torch.gather``.
 Not differentiable: a DQN loss regresses Q(s, a) onto these *detached* targets.
 """
 

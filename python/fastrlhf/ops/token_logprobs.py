@@ -8,7 +8,7 @@ Math in ``csrc/kernels/token_logprobs.h``.
 Semantics: ``x = logits / temperature``; ``logprob = x[token] - logsumexp(x)``;
 ``entropy = -sum softmax(x) * log_softmax(x)`` (0 log 0 = 0, so ``-inf`` logits are fine).
 Outputs are fp32 (fp64 for fp64 logits) whatever the logits dtype. A row of all ``-inf`` or
-with a NaN gives NaN. Token ids outside ``[0, V)`` raise (CPU) or trip a device assert (CUDA).
+with a NaN gives NaN. Token ids outside ``[0, V)`` raise (CPU) or trip a device-side check (CUDA: a CUDA error at the next synchronization, like torch.gather).
 """
 
 from __future__ import annotations
