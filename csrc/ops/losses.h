@@ -91,26 +91,27 @@ inline PolicyLossCall prepare_policy_loss(const Tensor& logprobs, const Tensor& 
   return c;
 }
 
-// Forward outputs shared by the losses: fp64 row partials, loss [], stats [n_stats], row weights [B].
-struct LossOutputs {
-  Tensor partials, loss, stats, row_weight;
-};
-
-inline LossOutputs alloc_loss_outputs(const Tensor& like, int64_t B, int n_partials, int n_stats) {
+// Allocates the forward outputs of a loss call (PolicyLossCall / ValueLossCall) and points its
+// kernel params at them.
+template <typename Call>
+void alloc_loss_forward(Call& c, const Tensor& like, int n_partials, int n_stats, int64_t agg, double normalizer,
+                        double norm_length) {
   const auto opts = like.options().dtype(loss_acc_type(like.scalar_type()));
-  return {at::empty({B, n_partials}, like.options().dtype(at::kDouble)), at::empty({}, opts),
-          at::empty({n_stats}, opts), at::empty({B}, opts)};
-}
-
-inline void alloc_policy_forward(PolicyLossCall& c, int64_t agg, double normalizer, double norm_length) {
-  auto o = alloc_loss_outputs(c.logprobs, c.params.B, k::policy_loss::kNumPartials, k::policy_loss::kNumStats);
-  c.partials = o.partials, c.loss = o.loss, c.stats = o.stats, c.row_weight = o.row_weight;
   auto& p = c.params;
+  c.partials = at::empty({p.B, n_partials}, like.options().dtype(at::kDouble));
+  c.loss = at::empty({}, opts);
+  c.stats = at::empty({n_stats}, opts);
+  c.row_weight = at::empty({p.B}, opts);
   p.agg = agg_config(agg, normalizer, norm_length, p.T);
-  p.partials = c.partials.data_ptr<double>();
+  p.partials = c.partials.template data_ptr<double>();
   p.loss = c.loss.data_ptr();
   p.stats = c.stats.data_ptr();
   p.row_weight = c.row_weight.data_ptr();
+}
+
+inline void alloc_policy_forward(PolicyLossCall& c, int64_t agg, double normalizer, double norm_length) {
+  alloc_loss_forward(c, c.logprobs, k::policy_loss::kNumPartials, k::policy_loss::kNumStats, agg, normalizer,
+                     norm_length);
 }
 
 inline void alloc_policy_backward(PolicyLossCall& c, const Tensor& grad_loss, const Tensor& row_weight,
@@ -159,14 +160,7 @@ inline ValueLossCall prepare_value_loss(const Tensor& values, const Tensor& old_
 }
 
 inline void alloc_value_forward(ValueLossCall& c, int64_t agg, double normalizer, double norm_length) {
-  auto o = alloc_loss_outputs(c.values, c.params.B, k::value_loss::kNumPartials, k::value_loss::kNumStats);
-  c.partials = o.partials, c.loss = o.loss, c.stats = o.stats, c.row_weight = o.row_weight;
-  auto& p = c.params;
-  p.agg = agg_config(agg, normalizer, norm_length, p.T);
-  p.partials = c.partials.data_ptr<double>();
-  p.loss = c.loss.data_ptr();
-  p.stats = c.stats.data_ptr();
-  p.row_weight = c.row_weight.data_ptr();
+  alloc_loss_forward(c, c.values, k::value_loss::kNumPartials, k::value_loss::kNumStats, agg, normalizer, norm_length);
 }
 
 inline void alloc_value_backward(ValueLossCall& c, const Tensor& grad_loss, const Tensor& row_weight) {
