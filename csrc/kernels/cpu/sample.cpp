@@ -1,5 +1,6 @@
 // CPU launcher for sample (math and semantics in ../sample.h).
 //
+// Rows in parallel; with fewer than 4 rows, the chunks of each row in parallel instead.
 // Per row, on an fp32 copy of the logits (L2-resident for V <= ~200K):
 //   1. raw max / NaN check, raw sum of exps (for raw_logprobs)          -- vectorized
 //   2. penalties at the history's distinct ids (sorted history, O(L log L))
@@ -27,21 +28,49 @@ constexpr int kBins = (0x3f800000 >> kBinShift) + 1;
 
 inline int bin_of(float e) { return int(std::bit_cast<uint32_t>(e) >> kBinShift); }
 
+// Rows are processed in fixed chunks of kChunk tokens: every reduction is a per-chunk partial
+// combined in chunk order, so a row's arithmetic is the same whether its chunks run on one
+// thread (many rows: rows in parallel) or on all of them (few rows: chunks in parallel).
+constexpr int64_t kChunk = 8192;
+
 struct Scratch {
   std::vector<float> e;      // [V]
   std::vector<float> cands;  // values of one histogram bin
   std::vector<int64_t> hist_ids;
+  std::vector<float> c_max;       // [n_chunks]
+  std::vector<int64_t> c_arg;     // [n_chunks]
+  std::vector<double> c_sum;      // [n_chunks]
+  std::vector<int32_t> c_count;   // [n_chunks, kBins]
+  std::vector<double> c_mass;     // [n_chunks, kBins]
   int32_t count[kBins];
   double mass[kBins];
+  void resize(int64_t V) {
+    const int64_t n = (V + kChunk - 1) / kChunk;
+    e.resize(V);
+    c_max.resize(n), c_arg.resize(n), c_sum.resize(n), c_count.resize(n * kBins), c_mass.resize(n * kBins);
+  }
+};
+
+struct Chunks {
+  const cpu::ParallelFor& pf;
+  int64_t V, n;
+  explicit Chunks(const cpu::ParallelFor& pf, int64_t V) : pf(pf), V(V), n((V + kChunk - 1) / kChunk) {}
+  // f(c, j0, j1) for every chunk, possibly in parallel
+  template <typename F>
+  void each(F&& f) const {
+    pf(n, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) f(c, c * kChunk, std::min(V, (c + 1) * kChunk));
+    });
+  }
 };
 
 template <typename S>
-void load_row(const S* x, int64_t V, float* out, float& raw_max, bool& nan) {
+void load_chunk(const S* x, int64_t len, float* out, float& max_out, int64_t& nan_out) {
   float m[kLanes];
   int n[kLanes] = {};
   for (int l = 0; l < kLanes; ++l) m[l] = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
-  for (; j + kLanes <= V; j += kLanes) {
+  for (; j + kLanes <= len; j += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const float v = load<float>(x + j + l);
       out[j + l] = v;
@@ -49,31 +78,30 @@ void load_row(const S* x, int64_t V, float* out, float& raw_max, bool& nan) {
       n[l] += v != v;
     }
   }
-  for (int l = 0; j < V; ++j, ++l) {
+  for (int l = 0; j < len; ++j, ++l) {
     const float v = load<float>(x + j);
     out[j] = v;
     m[l] = v > m[l] ? v : m[l];
     n[l] += v != v;
   }
-  raw_max = m[0];
-  int nans = 0;
-  for (int l = 0; l < kLanes; ++l) raw_max = m[l] > raw_max ? m[l] : raw_max, nans += n[l];
-  nan = nans > 0;
+  max_out = m[0];
+  nan_out = 0;
+  for (int l = 0; l < kLanes; ++l) max_out = m[l] > max_out ? m[l] : max_out, nan_out += n[l];
 }
 
-// sum_j exp(scale * x_j - shift) (raw: scale 1); optionally writes the exps back.
-float sum_exp(float* x, int64_t V, float scale, float shift, bool write) {
+// sum_j exp(x_j - shift) over a chunk; optionally writes the exps back.
+float sum_exp(float* x, int64_t len, float shift, bool write) {
   float s[kLanes] = {};
   int64_t j = 0;
-  for (; j + kLanes <= V; j += kLanes) {
+  for (; j + kLanes <= len; j += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const float e = fast_exp(x[j + l] * scale - shift);
+      const float e = fast_exp(x[j + l] - shift);
       if (write) x[j + l] = e;
       s[l] += e;
     }
   }
-  for (int l = 0; j < V; ++j, ++l) {
-    const float e = fast_exp(x[j] * scale - shift);
+  for (int l = 0; j < len; ++j, ++l) {
+    const float e = fast_exp(x[j] - shift);
     if (write) x[j] = e;
     s[l] += e;
   }
@@ -82,13 +110,22 @@ float sum_exp(float* x, int64_t V, float scale, float shift, bool write) {
   return total;
 }
 
-float max_of(const float* x, int64_t V, float scale) {
+float scale_and_max(float* x, int64_t len, float scale) {
   float m[kLanes];
   for (int l = 0; l < kLanes; ++l) m[l] = -std::numeric_limits<float>::infinity();
   int64_t j = 0;
-  for (; j + kLanes <= V; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) m[l] = x[j + l] * scale > m[l] ? x[j + l] * scale : m[l];
-  for (int l = 0; j < V; ++j, ++l) m[l] = x[j] * scale > m[l] ? x[j] * scale : m[l];
+  for (; j + kLanes <= len; j += kLanes) {
+    for (int l = 0; l < kLanes; ++l) {
+      const float v = x[j + l] * scale;
+      x[j + l] = v;
+      m[l] = v > m[l] ? v : m[l];
+    }
+  }
+  for (int l = 0; j < len; ++j, ++l) {
+    const float v = x[j] * scale;
+    x[j] = v;
+    m[l] = v > m[l] ? v : m[l];
+  }
   float out = m[0];
   for (int l = 1; l < kLanes; ++l) out = m[l] > out ? m[l] : out;
   return out;
@@ -130,16 +167,26 @@ void gather_bin(const float* e, int64_t V, int bin, float floor_value, std::vect
 }
 
 // e-space threshold of top-k then top-p (0 when neither is active).
-float topk_topp_threshold(Scratch& s, int64_t V, int64_t k, float top_p) {
+float topk_topp_threshold(Scratch& s, const Chunks& ch, int64_t k, float top_p) {
+  const int64_t V = ch.V;
   const bool use_k = k > 0 && k < V, use_p = top_p < 1.0f;
   if (!use_k && !use_p) return 0.0f;
   const float* e = s.e.data();
+  ch.each([&](int64_t c, int64_t j0, int64_t j1) {  // per-chunk histograms of count and mass
+    int32_t* cnt = s.c_count.data() + c * kBins;
+    double* mass = s.c_mass.data() + c * kBins;
+    std::memset(cnt, 0, kBins * sizeof(int32_t));
+    std::memset(mass, 0, kBins * sizeof(double));
+    for (int64_t j = j0; j < j1; ++j) {
+      const int b = bin_of(e[j]);
+      cnt[b] += 1;
+      mass[b] += e[j];
+    }
+  });
   std::memset(s.count, 0, sizeof(s.count));
   std::memset(s.mass, 0, sizeof(s.mass));
-  for (int64_t j = 0; j < V; ++j) {
-    const int b = bin_of(e[j]);
-    s.count[b] += 1;
-    s.mass[b] += e[j];
+  for (int64_t c = 0; c < ch.n; ++c) {  // merged in chunk order
+    for (int b = 0; b < kBins; ++b) s.count[b] += s.c_count[c * kBins + b], s.mass[b] += s.c_mass[c * kBins + b];
   }
   float tau_k = 0.0f;
   int bin_k = -1;          // bin holding the k-th largest value
@@ -185,15 +232,21 @@ float topk_topp_threshold(Scratch& s, int64_t V, int64_t k, float top_p) {
 }
 
 template <typename S>
-bool run_row(const Params& p, int64_t b, Scratch& s) {
+bool run_row(const Params& p, int64_t b, Scratch& s, const cpu::ParallelFor& inner) {
   const int64_t V = p.V;
+  const Chunks ch(inner, V);
   const S* x = static_cast<const S*>(p.logits) + b * V;
   float* e = s.e.data();
-  float raw_max;
-  bool nan;
-  load_row(x, V, e, raw_max, nan);
-  if (nan) return false;
-  const float raw_log_z = raw_max + std::log(sum_exp(e, V, 1.0f, raw_max, false));
+  int64_t nans = 0;
+  std::vector<int64_t> c_nan(ch.n);
+  ch.each([&](int64_t c, int64_t j0, int64_t j1) { load_chunk(x + j0, j1 - j0, e + j0, s.c_max[c], c_nan[c]); });
+  float raw_max = -std::numeric_limits<float>::infinity();
+  for (int64_t c = 0; c < ch.n; ++c) raw_max = s.c_max[c] > raw_max ? s.c_max[c] : raw_max, nans += c_nan[c];
+  if (nans) return false;
+  ch.each([&](int64_t c, int64_t j0, int64_t j1) { s.c_sum[c] = sum_exp(e + j0, j1 - j0, raw_max, false); });
+  double raw_sum = 0;
+  for (int64_t c = 0; c < ch.n; ++c) raw_sum += s.c_sum[c];
+  const float raw_log_z = raw_max + float(std::log(raw_sum));
 
   // penalties at the distinct ids of the history
   if (p.history) {
@@ -220,9 +273,14 @@ bool run_row(const Params& p, int64_t b, Scratch& s) {
   const Branch br = choose(row_uniform(p.seed, p.offset, b), eps);
   int64_t token = 0;
   float lq;
-  if (temperature <= 0.0f || k == 1) {  // greedy: argmax of the penalized logits
-    int64_t arg = 0;
-    for (int64_t j = 1; j < V; ++j) arg = e[j] > e[arg] ? j : arg;
+  if (temperature <= 0.0f || k == 1) {  // greedy: argmax of the penalized logits (first index)
+    ch.each([&](int64_t c, int64_t j0, int64_t j1) {
+      int64_t arg = j0;
+      for (int64_t j = j0 + 1; j < j1; ++j) arg = e[j] > e[arg] ? j : arg;
+      s.c_arg[c] = arg;
+    });
+    int64_t arg = s.c_arg[0];
+    for (int64_t c = 1; c < ch.n; ++c) arg = e[s.c_arg[c]] > e[arg] ? s.c_arg[c] : arg;
     token = br.uniform ? std::min<int64_t>(V - 1, int64_t(br.u * double(V))) : arg;
     lq = log_q(token == arg, 1.0f, 1.0, eps, V);
   } else {
@@ -230,32 +288,50 @@ bool run_row(const Params& p, int64_t b, Scratch& s) {
     // (computing x * inv_t - m in one expression lets the compiler fuse it into an FMA whose
     // unrounded product disagrees with the rounded one the max was taken of)
     const float inv_t = 1.0f / temperature;
-    for (int64_t j = 0; j < V; ++j) e[j] *= inv_t;
-    const float m = max_of(e, V, 1.0f);
-    sum_exp(e, V, 1.0f, m, true);  // e_j = exp(x_j / T - m) in place, max e = 1
-    float tau = topk_topp_threshold(s, V, k, p.top_p.at(b));
+    ch.each([&](int64_t c, int64_t j0, int64_t j1) { s.c_max[c] = scale_and_max(e + j0, j1 - j0, inv_t); });
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < ch.n; ++c) m = s.c_max[c] > m ? s.c_max[c] : m;
+    ch.each([&](int64_t c, int64_t j0, int64_t j1) { sum_exp(e + j0, j1 - j0, m, true); });  // e in (0, 1]
+    float tau = topk_topp_threshold(s, ch, k, p.top_p.at(b));
     tau = std::max(tau, p.min_p.at(b));  // e_max = 1: min-p relative to the largest probability
+    ch.each([&](int64_t c, int64_t j0, int64_t j1) {
+      double z = 0;
+      for (int64_t j = j0; j < j1; ++j) z += e[j] >= tau ? e[j] : 0.0f;
+      s.c_sum[c] = z;
+    });
     double z = 0;
-    for (int64_t j = 0; j < V; ++j) z += e[j] >= tau ? e[j] : 0.0f;
+    for (int64_t c = 0; c < ch.n; ++c) z += s.c_sum[c];
     if (br.uniform) {
       token = std::min<int64_t>(V - 1, int64_t(br.u * double(V)));
     } else {
+      // the chunk holding the target (chunk order), then inverse CDF inside it
       const double target = br.u * z;
-      double c = 0;
+      double before = 0;
+      int64_t c = 0, last_nonempty = 0;
+      for (; c < ch.n; ++c) {
+        if (s.c_sum[c] > 0) last_nonempty = c;
+        if (before + s.c_sum[c] > target) break;
+        before += s.c_sum[c];
+      }
+      if (c == ch.n) {  // rounding: the target is not below z; take the last kept token
+        c = last_nonempty;
+        before = 0;
+        for (int64_t i = 0; i < c; ++i) before += s.c_sum[i];
+      }
+      double acc = before;
       int64_t last = -1;
       token = -1;
-      for (int64_t j = 0; j < V; ++j) {
+      for (int64_t j = c * kChunk, j1 = std::min(V, (c + 1) * kChunk); j < j1; ++j) {
         if (e[j] < tau) continue;
         last = j;
-        c += e[j];
-        if (c > target) {
+        acc += e[j];
+        if (acc > target) {
           token = j;
           break;
         }
       }
-      if (token < 0) token = last;  // target within rounding of z: the last kept token
-      if (token < 0) token = int64_t(std::max_element(e, e + V) - e);  // nothing kept: cannot
-                                                                        // happen (max e = 1)
+      if (token < 0) token = last;  // target within rounding of the chunk's end: its last kept token
+      if (token < 0) token = int64_t(std::max_element(e, e + V) - e);  // cannot happen (max e = 1)
     }
     lq = log_q(e[token] >= tau, e[token], z, eps, V);
   }
@@ -268,12 +344,19 @@ bool run_row(const Params& p, int64_t b, Scratch& s) {
 template <typename S>
 Status run(const Params& p, const cpu::ParallelFor& parallel_for) {
   std::atomic<bool> bad{false};
-  parallel_for(p.B, 1, [&](int64_t b0, int64_t b1) {
+  if (p.B < 4) {  // few rows: each row's chunks in parallel
     auto s = std::make_unique<Scratch>();
-    s->e.resize(p.V);
-    for (int64_t b = b0; b < b1; ++b)
-      if (!run_row<S>(p, b, *s)) bad = true;
-  });
+    s->resize(p.V);
+    for (int64_t b = 0; b < p.B; ++b)
+      if (!run_row<S>(p, b, *s, parallel_for)) bad = true;
+  } else {  // rows in parallel, each row's chunks in order on its thread
+    parallel_for(p.B, 1, [&](int64_t b0, int64_t b1) {
+      auto s = std::make_unique<Scratch>();
+      s->resize(p.V);
+      for (int64_t b = b0; b < b1; ++b)
+        if (!run_row<S>(p, b, *s, cpu::serial_for)) bad = true;
+    });
+  }
   return bad ? Status::kIndexOutOfRange : Status::kOk;
 }
 
