@@ -101,36 +101,49 @@ FRL_HD A token_grad(const Params& p, A logp, A old, A adv, A ref) {
   return g;
 }
 
-// After the row pass: row weights, loss and stats from the [B, kNumPartials] partials.
-// Serial over rows in order (deterministic); used by the CPU launcher and one CUDA thread.
+// ---- finalize: row weights, loss and stats from the [B, kNumPartials] partials ------------
+// Each row contributes kNumTerms sums (its weighted loss and pg, and its stat sums) and its ratio
+// max; totals -> outputs. The CPU adds rows serially; CUDA reduces them in one block.
+constexpr int kNumTerms = 2 + (kRatio - kKl + 1);  // loss, pg, then kKl..kRatio
+
+FRL_HD void row_terms(const double* row, double w, double* t) {
+  t[0] = w * row[kLoss];
+  t[1] = w * row[kPg];
+  for (int k = kKl; k <= kRatio; ++k) t[2 + k - kKl] = row[k];
+}
+
+template <typename A>
+FRL_HD void write_outputs(const Params& p, const double* t, double ratio_max, double n_tok) {
+  const double inv = n_tok > 0 ? 1.0 / n_tok : 0.0;
+  auto mean = [&](int k) { return A(t[2 + k - kKl] * inv); };
+  A* st = static_cast<A*>(p.stats);
+  st[kStatPgLoss] = A(t[1]);
+  st[kStatKl] = mean(kKl);
+  st[kStatEntropy] = mean(kEntropy);
+  st[kStatClipFrac] = mean(kClip);
+  st[kStatClipFracLow] = mean(kClipLow);
+  st[kStatClipFracHigh] = mean(kClipHigh);
+  st[kStatDualClipFrac] = mean(kDualClip);
+  st[kStatApproxKl] = mean(kApproxKl);
+  st[kStatRatioMean] = mean(kRatio);
+  st[kStatRatioMax] = A(n_tok > 0 ? ratio_max : 0.0);
+  *static_cast<A*>(p.loss) = A(t[0]);
+}
+
+// Serial finalize (CPU), rows in order: deterministic.
 template <typename A>
 FRL_HD void finalize(const Params& p) {
   const double* part = p.partials;
   const loss_agg::BatchCounts n = loss_agg::weigh_rows(p.agg, part, p.B, kNumPartials, kLen, static_cast<A*>(p.row_weight));
-  const double n_tok = n.n_tok;
-  double loss = 0, pg = 0, sums[kNumPartials] = {};
+  double t[kNumTerms] = {}, rt[kNumTerms];
   double ratio_max = -HUGE_VAL;
   for (int64_t b = 0; b < p.B; ++b) {
     const double* row = part + b * kNumPartials;
-    const double w = loss_agg::row_weight_of(p.agg, row[kLen], n);
-    loss += w * row[kLoss];
-    pg += w * row[kPg];
-    for (int k = kKl; k <= kRatio; ++k) sums[k] += row[k];
+    row_terms(row, loss_agg::row_weight_of(p.agg, row[kLen], n), rt);
+    for (int k = 0; k < kNumTerms; ++k) t[k] += rt[k];
     ratio_max = row[kRatioMax] > ratio_max ? row[kRatioMax] : ratio_max;
   }
-  const double inv = n_tok > 0 ? 1.0 / n_tok : 0.0;
-  A* st = static_cast<A*>(p.stats);
-  st[kStatPgLoss] = A(pg);
-  st[kStatKl] = A(sums[kKl] * inv);
-  st[kStatEntropy] = A(sums[kEntropy] * inv);
-  st[kStatClipFrac] = A(sums[kClip] * inv);
-  st[kStatClipFracLow] = A(sums[kClipLow] * inv);
-  st[kStatClipFracHigh] = A(sums[kClipHigh] * inv);
-  st[kStatDualClipFrac] = A(sums[kDualClip] * inv);
-  st[kStatApproxKl] = A(sums[kApproxKl] * inv);
-  st[kStatRatioMean] = A(sums[kRatio] * inv);
-  st[kStatRatioMax] = A(n_tok > 0 ? ratio_max : 0.0);
-  *static_cast<A*>(p.loss) = A(loss);
+  write_outputs<A>(p, t, ratio_max, n.n_tok);
 }
 
 }  // namespace fastrlhf::kernels::policy_loss
@@ -144,8 +157,8 @@ namespace fastrlhf::kernels::policy_loss {
 Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
 Status launch_backward_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
 #if defined(FASTRLHF_WITH_CUDA)
-// Forward: one block per row writes its partials; one thread finalizes (B is small: rows, not
-// tokens). Backward: elementwise over [B, T]. No host synchronization.
+// Forward: one block per row writes its partials; one block finalizes (rows strided over its
+// threads, fixed-order block reductions). Backward: elementwise over [B, T]. No host sync.
 cudaError_t launch_cuda(const Params& p, DType dtype, cudaStream_t stream);
 cudaError_t launch_backward_cuda(const Params& p, DType dtype, cudaStream_t stream);
 #endif

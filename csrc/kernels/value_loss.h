@@ -64,42 +64,59 @@ FRL_HD A token_grad(A v, A old, A ret, A clip) {
   return token(v, old, ret, clip).clipped > A(0) ? A(0) : v - ret;
 }
 
+// ---- finalize: row weights, loss and stats from the [B, kNumPartials] partials ------------
+// Each row contributes kNumTerms sums; the returns and residual sums are re-centred on one
+// batch-wide shift c (the first non-empty row's): with d = s_b - c,
+//   sum (x - c) = S1 + n d,   sum (x - c)^2 = S2 + 2 d S1 + n d^2.
+// The CPU adds rows serially; CUDA reduces them in one block.
+enum Term : int { kTLoss = 0, kTClip, kTV, kTR1, kTR2, kTRes1, kTRes2, kNumTerms };
+
+FRL_HD void row_terms(const double* row, double w, double c_r, double c_res, double* t) {
+  const double n_b = row[kLen];
+  for (int k = 0; k < kNumTerms; ++k) t[k] = 0;
+  if (!(n_b > 0)) return;
+  const double dr = row[kRShift] - c_r, dres = row[kResShift] - c_res;
+  t[kTLoss] = w * row[kLoss];
+  t[kTClip] = row[kClip];
+  t[kTV] = row[kV];
+  t[kTR1] = row[kR] + n_b * dr;
+  t[kTR2] = row[kR2] + 2 * dr * row[kR] + n_b * dr * dr;
+  t[kTRes1] = row[kRes] + n_b * dres;
+  t[kTRes2] = row[kRes2] + 2 * dres * row[kRes] + n_b * dres * dres;
+}
+
+template <typename A>
+FRL_HD void write_outputs(const Params& p, const double* t, double c_r, double n_tok) {
+  const double inv = n_tok > 0 ? 1.0 / n_tok : 0.0;
+  const double var_r = (t[kTR2] - t[kTR1] * t[kTR1] * inv) * inv;
+  const double var_res = (t[kTRes2] - t[kTRes1] * t[kTRes1] * inv) * inv;
+  A* st = static_cast<A*>(p.stats);
+  st[kStatClipFrac] = A(t[kTClip] * inv);
+  st[kStatExplainedVariance] = A(var_r > 0 ? 1.0 - var_res / var_r : NAN);
+  st[kStatValueMean] = A(t[kTV] * inv);
+  st[kStatReturnMean] = A(c_r + t[kTR1] * inv);
+  *static_cast<A*>(p.loss) = A(t[kTLoss]);
+}
+
+// Serial finalize (CPU), rows in order: deterministic.
 template <typename A>
 FRL_HD void finalize(const Params& p) {
   const double* part = p.partials;
   const loss_agg::BatchCounts n = loss_agg::weigh_rows(p.agg, part, p.B, kNumPartials, kLen, static_cast<A*>(p.row_weight));
-  const double n_tok = n.n_tok;
-  double loss = 0, s[kNumPartials] = {};
+  double c_r = 0, c_res = 0;
+  for (int64_t b = 0; b < p.B; ++b) {
+    if (part[b * kNumPartials + kLen] > 0) {
+      c_r = part[b * kNumPartials + kRShift], c_res = part[b * kNumPartials + kResShift];
+      break;
+    }
+  }
+  double t[kNumTerms] = {}, rt[kNumTerms];
   for (int64_t b = 0; b < p.B; ++b) {
     const double* row = part + b * kNumPartials;
-    loss += loss_agg::row_weight_of(p.agg, row[kLen], n) * row[kLoss];
-    for (int k = kClip; k < kNumPartials; ++k) s[k] += row[k];
+    row_terms(row, loss_agg::row_weight_of(p.agg, row[kLen], n), c_r, c_res, rt);
+    for (int k = 0; k < kNumTerms; ++k) t[k] += rt[k];
   }
-  const double inv = n_tok > 0 ? 1.0 / n_tok : 0.0;
-  // Re-centre each row's shifted sums on one batch-wide shift c (the first non-empty row's):
-  // sum (x - c) = S1 + n d, sum (x - c)^2 = S2 + 2 d S1 + n d^2 with d = s_b - c.
-  double c_r = 0, c_res = 0, s1_r = 0, s2_r = 0, s1_res = 0, s2_res = 0;
-  bool have_c = false;
-  for (int64_t b = 0; b < p.B; ++b) {
-    const double* row = part + b * kNumPartials;
-    const double n_b = row[kLen];
-    if (!(n_b > 0)) continue;
-    if (!have_c) c_r = row[kRShift], c_res = row[kResShift], have_c = true;
-    const double dr = row[kRShift] - c_r, dres = row[kResShift] - c_res;
-    s1_r += row[kR] + n_b * dr;
-    s2_r += row[kR2] + 2 * dr * row[kR] + n_b * dr * dr;
-    s1_res += row[kRes] + n_b * dres;
-    s2_res += row[kRes2] + 2 * dres * row[kRes] + n_b * dres * dres;
-  }
-  const double mean_r = c_r + s1_r * inv;
-  const double m2_r = s2_r - s1_r * s1_r * inv, m2_res = s2_res - s1_res * s1_res * inv;
-  const double var_r = m2_r * inv, var_res = m2_res * inv;
-  A* st = static_cast<A*>(p.stats);
-  st[kStatClipFrac] = A(s[kClip] * inv);
-  st[kStatExplainedVariance] = A(var_r > 0 ? 1.0 - var_res / var_r : NAN);
-  st[kStatValueMean] = A(s[kV] * inv);
-  st[kStatReturnMean] = A(mean_r);
-  *static_cast<A*>(p.loss) = A(loss);
+  write_outputs<A>(p, t, c_r, n.n_tok);
 }
 
 }  // namespace fastrlhf::kernels::value_loss

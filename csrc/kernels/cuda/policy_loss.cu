@@ -1,6 +1,6 @@
 // CUDA kernels for policy_loss (math in ../policy_loss.h): one block per row reduces its fp64
-// partials in a fixed order; a single thread finalizes (row weights, loss, stats) on the device;
-// the backward is elementwise. No host synchronization.
+// partials in a fixed order; one block finalizes (row weights, loss, stats) on the device; the
+// backward is elementwise. No host synchronization.
 #include "../policy_loss.h"
 #include "common.cuh"
 
@@ -47,9 +47,34 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Params p) {
   }
 }
 
+constexpr int kFinalizeThreads = 256;
+
+// One block: batch counts, row weights and the row terms reduced in a fixed order.
 template <typename S>
-__global__ void finalize_kernel(Params p) {
-  finalize<typename cuda::AccOf<S>::type>(p);
+__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(Params p) {
+  using A = typename cuda::AccOf<S>::type;
+  __shared__ double smem[32];
+  const double* part = p.partials;
+  double n_tok = 0, n_seq = 0;
+  for (int64_t b = threadIdx.x; b < p.B; b += kFinalizeThreads) {
+    const double len = part[b * kNumPartials + kLen];
+    n_tok += len;
+    n_seq += len > 0 ? 1 : 0;
+  }
+  const loss_agg::BatchCounts n{cuda::block_sum(n_tok, smem), cuda::block_sum(n_seq, smem)};
+  double t[kNumTerms] = {}, rt[kNumTerms];
+  double ratio_max = -HUGE_VAL;
+  for (int64_t b = threadIdx.x; b < p.B; b += kFinalizeThreads) {
+    const double* row = part + b * kNumPartials;
+    const double w = loss_agg::row_weight_of(p.agg, row[kLen], n);
+    static_cast<A*>(p.row_weight)[b] = A(w);
+    row_terms(row, w, rt);
+    for (int k = 0; k < kNumTerms; ++k) t[k] += rt[k];
+    ratio_max = fmax(ratio_max, row[kRatioMax]);
+  }
+  for (int k = 0; k < kNumTerms; ++k) t[k] = cuda::block_sum(t[k], smem);
+  ratio_max = cuda::block_max(ratio_max, smem);
+  if (threadIdx.x == 0) write_outputs<A>(p, t, ratio_max, n.n_tok);
 }
 
 template <typename S>
@@ -80,7 +105,7 @@ cudaError_t launch_cuda(const Params& p, DType dtype, cudaStream_t stream) {
   return cuda::dispatch(dtype, [&](auto s) {
     using S = decltype(s);
     if (p.B > 0) rows_kernel<S><<<unsigned(p.B), kThreads, 0, stream>>>(p);
-    finalize_kernel<S><<<1, 1, 0, stream>>>(p);
+    finalize_kernel<S><<<1, kFinalizeThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }

@@ -1,5 +1,5 @@
 // CUDA kernels for value_loss (math in ../value_loss.h): per-row block reductions (fp64, fixed
-// order), a single-thread device finalize, an elementwise backward. No host synchronization.
+// order), a one-block device finalize, an elementwise backward. No host synchronization.
 #include "../value_loss.h"
 #include "common.cuh"
 
@@ -54,9 +54,39 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Params p) {
   if (threadIdx.x == 0) row[kRShift] = shift_r, row[kResShift] = shift_res;
 }
 
+constexpr int kFinalizeThreads = 256;
+
+// One block: batch counts, the batch-wide shift (first non-empty row), row weights and the row
+// terms reduced in a fixed order.
 template <typename S>
-__global__ void finalize_kernel(Params p) {
-  finalize<typename cuda::AccOf<S>::type>(p);
+__global__ void __launch_bounds__(kFinalizeThreads) finalize_kernel(Params p) {
+  using A = typename cuda::AccOf<S>::type;
+  __shared__ double smem[32];
+  const double* part = p.partials;
+  double n_tok = 0, n_seq = 0, neg_first = -HUGE_VAL;
+  for (int64_t b = threadIdx.x; b < p.B; b += kFinalizeThreads) {
+    const double len = part[b * kNumPartials + kLen];
+    n_tok += len;
+    n_seq += len > 0 ? 1 : 0;
+    if (len > 0 && neg_first == -HUGE_VAL) neg_first = -double(b);  // this thread's first
+  }
+  const loss_agg::BatchCounts n{cuda::block_sum(n_tok, smem), cuda::block_sum(n_seq, smem)};
+  neg_first = cuda::block_max(neg_first, smem);
+  double c_r = 0, c_res = 0;
+  if (neg_first > -HUGE_VAL) {
+    const double* first = part + int64_t(-neg_first) * kNumPartials;
+    c_r = first[kRShift], c_res = first[kResShift];
+  }
+  double t[kNumTerms] = {}, rt[kNumTerms];
+  for (int64_t b = threadIdx.x; b < p.B; b += kFinalizeThreads) {
+    const double* row = part + b * kNumPartials;
+    const double w = loss_agg::row_weight_of(p.agg, row[kLen], n);
+    static_cast<A*>(p.row_weight)[b] = A(w);
+    row_terms(row, w, c_r, c_res, rt);
+    for (int k = 0; k < kNumTerms; ++k) t[k] += rt[k];
+  }
+  for (int k = 0; k < kNumTerms; ++k) t[k] = cuda::block_sum(t[k], smem);
+  if (threadIdx.x == 0) write_outputs<A>(p, t, c_r, n.n_tok);
 }
 
 template <typename S>
@@ -79,7 +109,7 @@ cudaError_t launch_cuda(const Params& p, DType dtype, cudaStream_t stream) {
   return cuda::dispatch(dtype, [&](auto s) {
     using S = decltype(s);
     if (p.B > 0) rows_kernel<S><<<unsigned(p.B), kThreads, 0, stream>>>(p);
-    finalize_kernel<S><<<1, 1, 0, stream>>>(p);
+    finalize_kernel<S><<<1, kFinalizeThreads, 0, stream>>>(p);
     return cudaGetLastError();
   });
 }
