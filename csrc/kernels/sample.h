@@ -46,7 +46,8 @@ struct Params {
   int64_t* tokens = nullptr;     // [B]
   float* logprobs = nullptr;     // [B]
   float* raw_logprobs = nullptr; // [B]
-  float* workspace = nullptr;    // CUDA: [B, V] floats
+  float* workspace = nullptr;    // CUDA: [B, V] floats (the processed row)
+  float* counts = nullptr;       // CUDA, with penalties: [B, V] floats (history counts)
 };
 
 // ---- randomness: Philox4x32-10 (Salmon et al. 2011), keyed by the seed --------------------

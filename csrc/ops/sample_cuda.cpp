@@ -19,8 +19,11 @@ Triple sample_cuda(const Tensor& logits, const std::optional<Tensor>& temperatur
   auto c = prepare_sample(logits, temperature, temperature_val, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val,
                           epsilon, epsilon_val, repetition_penalty, repetition_penalty_val, presence_penalty,
                           presence_penalty_val, frequency_penalty, frequency_penalty_val, token_history, seed, offset);
-  c.workspace = at::empty({c.params.B, c.params.V}, logits.options().dtype(at::kFloat));
+  // [B, V] processed rows, and [B, V] history counts when there is a history
+  const int64_t rows = c.params.history ? 2 * c.params.B : c.params.B;
+  c.workspace = at::empty({rows, c.params.V}, logits.options().dtype(at::kFloat));
   c.params.workspace = c.workspace.data_ptr<float>();
+  if (c.params.history) c.params.counts = c.params.workspace + c.params.B * c.params.V;
   check_cuda(k::sample::launch_cuda(c.params, c.dtype, ctx.stream), "sample");
   return {c.tokens, c.logprobs, c.raw_logprobs};
 }

@@ -1,6 +1,6 @@
 // CUDA kernel for sample (math and semantics in ../sample.h). One block per row:
 //   1. raw max / NaN check / raw log-sum-exp (block reductions); fp32 copy of the row -> ws
-//   2. penalties at the history's distinct ids (first occurrence found by scanning earlier ids)
+//   2. penalties: history counts in a scratch row, then one pass over the vocabulary
 //   3. greedy: block argmax; else e_j = exp(x_j / T - max) in ws
 //   4. top-k / top-p thresholds by bisection on the float bits of e (31 block reductions each,
 //      no sort), min-p, kept mass
@@ -80,21 +80,20 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(Params p) {
   for (int64_t j = threadIdx.x; j < V; j += kThreads) rs += __expf(e[j] - raw_max);
   const float raw_log_z = raw_max + logf(cuda::block_sum(rs, fsmem));
 
-  // 2. penalties
+  // 2. penalties: history counts in a [V] scratch row (float atomics of 1.0 are exact integer
+  //    sums, so the result is deterministic), then one pass over the vocabulary
   const float rep = p.repetition_penalty.at(b), pres = p.presence_penalty.at(b), freq = p.frequency_penalty.at(b);
-  if (p.history && (rep != 1.0f || pres != 0.0f || freq != 0.0f)) {
+  if (p.history && p.counts && (rep != 1.0f || pres != 0.0f || freq != 0.0f)) {
     const int64_t* h = p.history + b * p.L;
+    float* cnt = p.counts + b * V;
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) cnt[j] = 0.0f;
     __syncthreads();
     for (int64_t i = threadIdx.x; i < p.L; i += kThreads) {
       const int64_t id = h[i];
-      if (id < 0 || id >= V) continue;
-      bool first = true;
-      for (int64_t j = 0; j < i && first; ++j) first = h[j] != id;
-      if (!first) continue;
-      int64_t count = 0;
-      for (int64_t j = i; j < p.L; ++j) count += h[j] == id;
-      e[id] = penalize(e[id], count, rep, pres, freq);
+      if (id >= 0 && id < V) atomicAdd(cnt + id, 1.0f);
     }
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < V; j += kThreads) e[j] = penalize(e[j], int64_t(cnt[j]), rep, pres, freq);
     __syncthreads();
   }
 
