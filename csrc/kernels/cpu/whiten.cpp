@@ -1,7 +1,7 @@
-// CPU launcher for whiten (math in ../whiten.h). Two-pass statistics (sum, then squared
-// deviations from the mean) over fixed chunks of kChunk elements, each chunk accumulated in
-// kLanes independent lanes (vectorizable, and more accurate than one running sum); chunk partials
-// are combined serially in chunk order, so results do not depend on the thread count.
+// CPU launcher for whiten (math in ../whiten.h). Statistics per fixed chunk of kChunk elements
+// (count, mean, sum of squared deviations: two passes over a chunk that stays in L2), chunks
+// combined with Chan's formula serially in chunk order -- so results do not depend on the thread
+// count -- then one apply pass. Memory traffic: about two reads and one write of x.
 #include <algorithm>
 #include <vector>
 
@@ -11,78 +11,76 @@ namespace fastrlhf::kernels::whiten {
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;
-constexpr int kLanes = 16;
 
-template <typename A>
-A lane_sum(const A* lanes) {
-  A s = 0;
-  for (int l = 0; l < kLanes; ++l) s += lanes[l];
-  return s;
+struct Stats {
+  double n, mean, m2;
+};
+
+// Valid elements of [i0, i1) as numbers (1/0), not bools, so that the loops vectorize.
+template <typename S, typename A, bool kMask>
+Stats chunk_stats(const S* x, const uint8_t* mask, int64_t i0, int64_t i1) {
+  A sum = 0, cnt = 0;
+#pragma omp simd reduction(+ : sum, cnt)
+  for (int64_t i = i0; i < i1; ++i) {
+    const A v = kMask ? (mask[i] ? A(1) : A(0)) : A(1);
+    const A xv = load<A>(x + i);
+    sum += v > A(0) ? xv : A(0);  // select: masked NaN/Inf never enter
+    cnt += v;
+  }
+  const A mean = cnt > A(0) ? sum / cnt : A(0);
+  A sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t i = i0; i < i1; ++i) {
+    const A v = kMask ? (mask[i] ? A(1) : A(0)) : A(1);
+    const A d = load<A>(x + i) - mean;
+    sq += v > A(0) ? d * d : A(0);
+  }
+  return Stats{double(cnt), double(mean), double(sq)};
 }
 
-// Sum over [i0, i1) of f(x[i]) for valid elements, in kLanes lanes; also counts valid elements.
-template <typename S, typename A, typename F>
-void chunk_sum(const S* x, const uint8_t* mask, int64_t i0, int64_t i1, F f, A& sum, A& count) {
-  A acc[kLanes] = {}, cnt[kLanes] = {};
-  int64_t i = i0;
-  for (; i + kLanes <= i1; i += kLanes) {
-#pragma GCC unroll 16
-    for (int l = 0; l < kLanes; ++l) {
-      const bool valid = mask ? mask[i + l] != 0 : true;
-      acc[l] += valid ? f(load<A>(x + i + l)) : A(0);
-      cnt[l] += valid ? A(1) : A(0);
-    }
-  }
-  for (int l = 0; i < i1; ++i, ++l) {
-    const bool valid = mask ? mask[i] != 0 : true;
-    acc[l] += valid ? f(load<A>(x + i)) : A(0);
-    cnt[l] += valid ? A(1) : A(0);
-  }
-  sum = lane_sum(acc);
-  count = lane_sum(cnt);
+// Chan et al.: the statistics of the union of two disjoint sets.
+Stats merge(const Stats& a, const Stats& b) {
+  const double n = a.n + b.n;
+  if (!(n > 0)) return Stats{0, 0, 0};
+  if (!(a.n > 0)) return b;
+  if (!(b.n > 0)) return a;
+  const double delta = b.mean - a.mean;
+  return Stats{n, a.mean + delta * (b.n / n), a.m2 + b.m2 + delta * delta * (a.n * b.n / n)};
 }
 
-template <typename S>
-void run(const Params& p, const cpu::ParallelFor& parallel_for) {
+template <typename S, bool kMask>
+void run_masked(const Params& p, const cpu::ParallelFor& parallel_for) {
   using A = acc_t<S>;
   const S* x = static_cast<const S*>(p.x);
   S* out = static_cast<S*>(p.out);
   const int64_t n_chunks = (p.n + kChunk - 1) / kChunk;
-  std::vector<A> sums(n_chunks), counts(n_chunks);
-  auto chunk_range = [&](int64_t c) { return std::pair{c * kChunk, std::min(p.n, (c + 1) * kChunk)}; };
-
+  std::vector<Stats> parts(n_chunks);
   parallel_for(n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      auto [i0, i1] = chunk_range(c);
-      chunk_sum<S, A>(x, p.mask, i0, i1, [](A v) { return v; }, sums[c], counts[c]);
-    }
+    for (int64_t c = c0; c < c1; ++c)
+      parts[c] = chunk_stats<S, A, kMask>(x, p.mask, c * kChunk, std::min(p.n, (c + 1) * kChunk));
   });
-  A sum = 0, count = 0;
-  for (int64_t c = 0; c < n_chunks; ++c) sum += sums[c], count += counts[c];
-  const A mean = count > A(0) ? sum / count : A(0);
-
+  Stats total{0, 0, 0};
+  for (const Stats& s : parts) total = merge(total, s);
+  const A mean = A(total.mean);
+  const A rstd = rstd_from(A(total.m2), A(total.n), p.unbiased, A(p.eps));
   parallel_for(n_chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
-      auto [i0, i1] = chunk_range(c);
-      chunk_sum<S, A>(x, p.mask, i0, i1, [mean](A v) { return (v - mean) * (v - mean); },
-                      sums[c], counts[c]);
-    }
-  });
-  A sq = 0;
-  for (int64_t c = 0; c < n_chunks; ++c) sq += sums[c];
-  const A rstd = rstd_from(sq, count, p.unbiased, A(p.eps));
-
-  parallel_for(n_chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      auto [i0, i1] = chunk_range(c);
-      for (int64_t i = i0; i < i1; ++i) {
-        const bool valid = p.mask ? p.mask[i] != 0 : true;
+      const int64_t i1 = std::min(p.n, (c + 1) * kChunk);
+#pragma omp simd
+      for (int64_t i = c * kChunk; i < i1; ++i) {
+        const bool valid = kMask ? p.mask[i] != 0 : true;
         store(out + i, apply(load<A>(x + i), valid, mean, rstd, p.shift_mean));
       }
     }
   });
   *static_cast<A*>(p.mean) = mean;
   *static_cast<A*>(p.rstd) = rstd;
+}
+
+template <typename S>
+void run(const Params& p, const cpu::ParallelFor& parallel_for) {
+  if (p.mask) run_masked<S, true>(p, parallel_for);
+  else run_masked<S, false>(p, parallel_for);
 }
 
 }  // namespace
