@@ -69,6 +69,17 @@ TORCH_LIBRARY(fastrlhf, m) {
         "Tensor? repetition_penalty, float repetition_penalty_val, Tensor? presence_penalty, "
         "float presence_penalty_val, Tensor? frequency_penalty, float frequency_penalty_val, "
         "Tensor? token_history, int seed, int offset) -> (Tensor, Tensor, Tensor)");
+
+  // ---- attention (python/fastrlhf/ops/attention.py) ----
+  // padded: q [B, H, Tq, D], k/v [B, Hkv, Tk, D], key_lengths/key_start [B] -> (out like q, lse [B, H, Tq])
+  // varlen: q [Nq, H, D], k/v [Nk, Hkv, D], cu_seqlens_q/k [B + 1]        -> (out like q, lse [Nq, H])
+  m.def("attention(Tensor q, Tensor k, Tensor v, bool causal, float scale, Tensor? cu_seqlens_q, "
+        "Tensor? cu_seqlens_k, Tensor? key_lengths, Tensor? key_start) -> (Tensor, Tensor)");
+  m.def("attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, "
+        "float scale, Tensor? cu_seqlens_q, Tensor? cu_seqlens_k, Tensor? key_lengths, Tensor? key_start) "
+        "-> (Tensor, Tensor, Tensor)");
+  // q [B, H, Tq, D] (the newest Tq positions), caches [B, Hkv, Tmax, D], cache_seqlens [B] -> like q
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_seqlens, float scale) -> Tensor");
 }
 
 namespace py = pybind11;

@@ -17,6 +17,7 @@ from fastrlhf.ops.kl_penalty import KLPenalty, kl_penalty
 from fastrlhf.ops.policy_loss import PPOLoss, policy_loss
 from fastrlhf.ops.value_loss import ValueLoss, value_loss
 from fastrlhf.ops.sample import SampleOutput, sample
+from fastrlhf.ops.attention import attention, decode_attention
 
 __all__ = [
     "reference",
@@ -42,4 +43,6 @@ __all__ = [
     "ValueLoss",
     "sample",
     "SampleOutput",
+    "attention",
+    "decode_attention",
 ]

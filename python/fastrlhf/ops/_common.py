@@ -20,8 +20,9 @@ def force_reference() -> bool:
     return os.environ.get("FASTRLHF_FORCE_REFERENCE", "0") not in ("", "0")
 
 
-def kernel_supports(device: torch.device, dtype: torch.dtype | None = None) -> bool:
-    """Whether the compiled extension has a kernel for this device (and dtype)."""
+def kernel_supports(device: torch.device, dtype: torch.dtype | None = None, *, cuda_kernel: bool = True) -> bool:
+    """Whether the compiled extension has a kernel for this device (and dtype); ops without a
+    CUDA kernel yet pass ``cuda_kernel=False``."""
     if not _ext.extension_available():
         return False
     if dtype is not None and dtype not in FLOAT_DTYPES:
@@ -29,17 +30,18 @@ def kernel_supports(device: torch.device, dtype: torch.dtype | None = None) -> b
     if device.type == "cpu":
         return True
     if device.type == "cuda":
-        return _ext.cuda_compiled()
+        return cuda_kernel and _ext.cuda_compiled()
     return False
 
 
-def use_kernel(op: str, impl: str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+def use_kernel(op: str, impl: str, device: torch.device, dtype: torch.dtype | None = None, *,
+               cuda_kernel: bool = True) -> bool:
     """Resolve ``impl`` for one call: True -> compiled kernel, False -> reference."""
     if impl not in ("auto", "kernel", "reference"):
         raise ValueError(f"fastrlhf.ops.{op}: impl must be 'auto', 'kernel' or 'reference', got {impl!r}")
     if impl == "reference" or force_reference():
         return False
-    supported = kernel_supports(device, dtype)
+    supported = kernel_supports(device, dtype, cuda_kernel=cuda_kernel)
     if impl == "kernel" and not supported:
         why = (
             f"the extension is not loaded ({_ext.extension_error()})"

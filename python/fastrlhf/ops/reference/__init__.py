@@ -4,6 +4,7 @@ They favour clarity over speed (loops where the math is a recurrence) and accumu
 (fp64 for fp64 inputs), like the kernels. Each takes already-validated arguments.
 """
 
+from fastrlhf.ops.reference.attention import attention, decode_attention
 from fastrlhf.ops.reference.gae import discounted_returns, gae
 from fastrlhf.ops.reference.group_advantages import group_advantages
 from fastrlhf.ops.reference.sample import processed_distribution, sample
@@ -15,4 +16,4 @@ from fastrlhf.ops.reference.whiten import whiten
 __all__ = ["gae", "discounted_returns", "group_advantages", "whiten", "td_targets", "q_update",
            "token_logprobs", "linear_token_logprobs",
            "kl_penalty", "policy_loss", "value_loss",
-           "sample", "processed_distribution"]
+           "sample", "processed_distribution", "attention", "decode_attention"]
