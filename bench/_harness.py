@@ -142,8 +142,18 @@ def machine_info(device: str) -> dict:
     return info
 
 
+def _extra_cell(extra: dict) -> str:
+    if "mem_x" in extra:
+        return f"peak {extra['mem_x']:.2f}x logits"
+    if "passes_over_logits" in extra:
+        return f"{extra['passes_over_logits']:.1f} passes"
+    if "gflops" in extra:
+        return f"{extra['gflops']:.0f} GFLOP/s = {100 * extra['frac_matmul']:.0f}% matmul"
+    return ""
+
+
 def format_table(rows: list[Row]) -> str:
-    head = ["op", "shape", "dtype", "provider", "ms", "GB/s", "%bw", "speedup", "mem / passes"]
+    head = ["op", "shape", "dtype", "provider", "ms", "GB/s", "%bw", "speedup", "notes"]
     lines = [head]
     for r in rows:
         lines.append([
@@ -151,8 +161,7 @@ def format_table(rows: list[Row]) -> str:
             "" if r.gbps is None else f"{r.gbps:.1f}",
             "" if r.frac_bw is None else f"{100 * r.frac_bw:.0f}%",
             "" if r.speedup is None else f"{r.speedup:.1f}x vs {r.vs}",
-            f"{r.extra['mem_x']:.2f}x logits" if "mem_x" in r.extra
-            else (f"{r.extra['passes_over_logits']:.1f} passes" if "passes_over_logits" in r.extra else ""),
+            _extra_cell(r.extra),
         ])
     widths = [max(len(str(l[i])) for l in lines) for i in range(len(head))]
     out = []

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
-SCRIPTS = ["gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "sample"]
+SCRIPTS = ["gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "sample", "attention"]
 PROVIDERS = {
     "gae": {"kernel", "loop", "vectorized", "reference"},
     "group_advantages": {"kernel", "eager", "reference"},
@@ -18,6 +18,7 @@ PROVIDERS = {
     "token_logprobs": {"kernel", "eager", "reference"},
     "losses": {"kernel", "eager"},
     "sample": {"kernel", "sort_based", "reference"},
+    "attention": {"kernel", "sdpa", "reference"},
 }
 
 

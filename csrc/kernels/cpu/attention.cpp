@@ -43,16 +43,21 @@ std::vector<Task> tasks_for(const Params& p, int64_t heads, int64_t rows_per_blo
 template <typename S, typename A>
 struct Buffers {
   std::vector<A> q, kt, v, vt, s, acc, m, l;
-  explicit Buffers(int64_t D) : q(kBQ * D), kt(D * kBK), v(kBK * D), vt(D * kBK), s(kBK), acc(kBQ * D), m(kBQ), l(kBQ) {}
+  explicit Buffers(int64_t D) : q(kBQ * D), kt(D * kBK), v(kBK * D), vt(D * kBK), s(kBQ * kBK), acc(kBQ * D), m(kBQ), l(kBQ) {}
 };
 
 // Stage keys [j0, j1) of (sequence, kv head): kt[d][jj] (transposed) and, optionally, v rows
-// v[jj][d] and/or vt[d][jj]. Missing columns (jj >= j1 - j0) are zero.
+// v[jj][d], vt[d][jj] and k rows kr[jj][d]. Missing columns (jj >= j1 - j0) are zero.
 template <typename S, typename A>
-void stage_keys(const Params& p, const Seq& sq, int64_t hk, int64_t j0, int64_t j1, A* kt, A* v, A* vt) {
+void stage_keys(const Params& p, const Seq& sq, int64_t hk, int64_t j0, int64_t j1, A* kt, A* v, A* vt,
+                A* kr = nullptr) {
   const int64_t D = p.D, n = j1 - j0;
   const S* K = static_cast<const S*>(p.k) + sq.k_off + hk * p.k_head_stride;
   const S* V = static_cast<const S*>(p.v) + sq.k_off + hk * p.k_head_stride;
+  if (kr) {
+    for (int64_t jj = 0; jj < kBK; ++jj)
+      for (int64_t d = 0; d < D; ++d) kr[jj * D + d] = jj < n ? load<A>(K + (j0 + jj) * p.k_row_stride + d) : A(0);
+  }
   for (int64_t d = 0; d < D; ++d) {
     for (int64_t jj = 0; jj < kBK; ++jj) kt[d * kBK + jj] = jj < n ? load<A>(K + (j0 + jj) * p.k_row_stride + d) : A(0);
   }
@@ -68,14 +73,32 @@ void stage_keys(const Params& p, const Seq& sq, int64_t hk, int64_t j0, int64_t 
 
 // s[jj] = sum_d q[d] * kt[d][jj] for one query row (q pre-scaled)
 template <typename A>
-void scores(const A* q, const A* kt, int64_t D, A* s) {
-  for (int64_t jj = 0; jj < kBK; ++jj) s[jj] = A(0);
+void scores(const A* __restrict q, const A* __restrict kt, int64_t D, A* __restrict s) {
+  A acc[kBK] = {};
   for (int64_t d = 0; d < D; ++d) {
     const A qd = q[d];
-    const A* row = kt + d * kBK;
+    const A* __restrict row = kt + d * kBK;
 #pragma omp simd
-    for (int64_t jj = 0; jj < kBK; ++jj) s[jj] += qd * row[jj];
+    for (int64_t jj = 0; jj < kBK; ++jj) acc[jj] += qd * row[jj];
   }
+  for (int64_t jj = 0; jj < kBK; ++jj) s[jj] = acc[jj];
+}
+
+// The same for kRows query rows at once (q rows D apart): each K^T row loaded once per kRows.
+constexpr int64_t kRows = 4;  // the dK/dV accumulation below is written for exactly 4
+template <typename A>
+void scores_rows(const A* __restrict q, const A* __restrict kt, int64_t D, A* __restrict s) {
+  A acc[kRows][kBK] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const A* __restrict row = kt + d * kBK;
+    for (int64_t r = 0; r < kRows; ++r) {
+      const A qd = q[r * D + d];
+#pragma omp simd
+      for (int64_t jj = 0; jj < kBK; ++jj) acc[r][jj] += qd * row[jj];
+    }
+  }
+  for (int64_t r = 0; r < kRows; ++r)
+    for (int64_t jj = 0; jj < kBK; ++jj) s[r * kBK + jj] = acc[r][jj];
 }
 
 template <typename S>
@@ -101,11 +124,13 @@ void forward(const Params& p, const cpu::ParallelFor& parallel_for) {
       for (int64_t j0 = k_lo; j0 < k_hi; j0 += kBK) {
         const int64_t j1 = std::min(k_hi, j0 + kBK);
         stage_keys<S, A>(p, sq, hk, j0, j1, buf.kt.data(), buf.v.data(), nullptr);
+        int64_t r = 0;
+        for (; r + kRows <= nr; r += kRows) scores_rows(buf.q.data() + r * D, buf.kt.data(), D, buf.s.data() + r * kBK);
+        for (; r < nr; ++r) scores(buf.q.data() + r * D, buf.kt.data(), D, buf.s.data() + r * kBK);
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t vis = std::min(j1, visible_end(sq, i0 + r, p.causal)) - j0;  // visible keys in tile
           if (vis <= 0) continue;
-          A* s = buf.s.data();
-          scores(buf.q.data() + r * D, buf.kt.data(), D, s);
+          A* s = buf.s.data() + r * kBK;
           A tile_max = neg_inf<A>();
           for (int64_t jj = 0; jj < vis; ++jj) tile_max = s[jj] > tile_max ? s[jj] : tile_max;
           const A m_new = tile_max > buf.m[r] ? tile_max : buf.m[r];
@@ -117,12 +142,12 @@ void forward(const Params& p, const cpu::ParallelFor& parallel_for) {
           }
           buf.l[r] = buf.l[r] * corr + sum;
           buf.m[r] = m_new;
-          A* acc = buf.acc.data() + r * D;
+          A* __restrict acc = buf.acc.data() + r * D;
 #pragma omp simd
           for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
           for (int64_t jj = 0; jj < vis; ++jj) {
             const A pj = s[jj];
-            const A* vrow = buf.v.data() + jj * D;
+            const A* __restrict vrow = buf.v.data() + jj * D;
 #pragma omp simd
             for (int64_t d = 0; d < D; ++d) acc[d] += pj * vrow[d];
           }
@@ -165,44 +190,61 @@ void backward(const Params& p, const cpu::ParallelFor& parallel_for) {
       }
     }
   });
-  // dQ per (sequence, head, query block)
+  // dQ per (sequence, head, query block): each key tile staged once for the block's rows
   parallel_for(int64_t(q_tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> q(D), g(D), dq(D), kt(D * kBK), krow(kBK * D), vt(D * kBK), s(kBK), dp(kBK);
+    std::vector<A> q(kBQ * D), g(kBQ * D), dq(kBQ * D), kt(D * kBK), vt(D * kBK), kr(kBK * D), s(kBQ * kBK),
+        dp(kBQ * kBK);
+    std::vector<A> lse_r(kBQ), delta_r(kBQ);
     for (int64_t t = t0; t < t1; ++t) {
       const Task& tk = q_tasks[t];
       const Seq& sq = p.seqs[tk.seq];
       const int64_t h = tk.head, hk = h / group;
-      const int64_t i0 = tk.block * kBQ, i1 = std::min(sq.q_len, i0 + kBQ);
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t li = sq.lse_off + h * p.lse_head_stride + i * p.lse_row_stride;
-        const A lse = lse_all[li], delta = delta_all[li];
-        S* dq_out = static_cast<S*>(p.dq) + sq.q_off + h * p.q_head_stride + i * p.q_row_stride;
-        std::fill(dq.begin(), dq.end(), A(0));
-        const int64_t ke = visible_end(sq, i, p.causal);
-        if (lse != neg_inf<A>()) {
-          const S* qr = row_ptr(p.q, sq, h, i);
-          const S* gr = row_ptr(p.dout, sq, h, i);
-          for (int64_t d = 0; d < D; ++d) q[d] = load<A>(qr + d) * scale, g[d] = load<A>(gr + d);
-          for (int64_t j0 = sq.k_begin; j0 < ke; j0 += kBK) {
-            const int64_t j1 = std::min(ke, j0 + kBK), n = j1 - j0;
-            stage_keys<S, A>(p, sq, hk, j0, j1, kt.data(), nullptr, vt.data());
-            scores(q.data(), kt.data(), D, s.data());
-            scores(g.data(), vt.data(), D, dp.data());
-            for (int64_t jj = 0; jj < n; ++jj) {
-              const A pj = fast_exp(s[jj] - lse);
-              const A ds = pj * (dp[jj] - delta);
-              for (int64_t d = 0; d < D; ++d) dq[d] += ds * kt[d * kBK + jj];
-            }
+      const int64_t i0 = tk.block * kBQ, i1 = std::min(sq.q_len, i0 + kBQ), nr = i1 - i0;
+      std::fill(dq.begin(), dq.end(), A(0));
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t li = sq.lse_off + h * p.lse_head_stride + (i0 + r) * p.lse_row_stride;
+        lse_r[r] = lse_all[li], delta_r[r] = delta_all[li];
+        const S* qr = row_ptr(p.q, sq, h, i0 + r);
+        const S* gr = row_ptr(p.dout, sq, h, i0 + r);
+        for (int64_t d = 0; d < D; ++d) q[r * D + d] = load<A>(qr + d) * scale, g[r * D + d] = load<A>(gr + d);
+      }
+      const int64_t ke_block = visible_end(sq, i1 - 1, p.causal);
+      for (int64_t j0 = sq.k_begin; j0 < ke_block; j0 += kBK) {
+        const int64_t j1 = std::min(ke_block, j0 + kBK);
+        stage_keys<S, A>(p, sq, hk, j0, j1, kt.data(), nullptr, vt.data(), kr.data());
+        int64_t r = 0;
+        for (; r + kRows <= nr; r += kRows) {
+          scores_rows(q.data() + r * D, kt.data(), D, s.data() + r * kBK);
+          scores_rows(g.data() + r * D, vt.data(), D, dp.data() + r * kBK);
+        }
+        for (; r < nr; ++r) {
+          scores(q.data() + r * D, kt.data(), D, s.data() + r * kBK);
+          scores(g.data() + r * D, vt.data(), D, dp.data() + r * kBK);
+        }
+        for (int64_t r = 0; r < nr; ++r) {
+          if (lse_r[r] == neg_inf<A>()) continue;
+          const int64_t n = std::min(j1, visible_end(sq, i0 + r, p.causal)) - j0;
+          A* __restrict dqr = dq.data() + r * D;
+          for (int64_t jj = 0; jj < n; ++jj) {
+            const A pj = fast_exp(s[r * kBK + jj] - lse_r[r]);
+            const A ds = pj * (dp[r * kBK + jj] - delta_r[r]);
+            const A* __restrict krow = kr.data() + jj * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) dqr[d] += ds * krow[d];
           }
         }
-        for (int64_t d = 0; d < D; ++d) store(dq_out + d, dq[d] * scale);
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        S* dq_out = static_cast<S*>(p.dq) + sq.q_off + h * p.q_head_stride + (i0 + r) * p.q_row_stride;
+        for (int64_t d = 0; d < D; ++d) store(dq_out + d, dq[r * D + d] * scale);
       }
     }
   });
   // dK, dV per (sequence, kv head, key block)
   const auto k_tasks = tasks_for(p, p.Hkv, kBK, [](const Seq& s) { return s.k_end; });
   parallel_for(int64_t(k_tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> kt(D * kBK), vt(D * kBK), q(D), g(D), s(kBK), dp(kBK), dk(kBK * D), dv(kBK * D);
+    std::vector<A> kt(D * kBK), vt(D * kBK), q(kRows * D), g(kRows * D), s(kRows * kBK), dp(kRows * kBK);
+    std::vector<A> dk(kBK * D), dv(kBK * D);
     for (int64_t t = t0; t < t1; ++t) {
       const Task& tk = k_tasks[t];
       const Seq& sq = p.seqs[tk.seq];
@@ -216,24 +258,54 @@ void backward(const Params& p, const cpu::ParallelFor& parallel_for) {
         // rows that can see any key of [jb, j1): causal needs i + offset >= jb
         const int64_t i_first = p.causal ? std::max<int64_t>(0, jb - sq.causal_offset) : 0;
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          for (int64_t i = i_first; i < sq.q_len; ++i) {
-            const int64_t li = sq.lse_off + h * p.lse_head_stride + i * p.lse_row_stride;
-            const A lse = lse_all[li], delta = delta_all[li];
-            if (lse == neg_inf<A>()) continue;
-            const int64_t ke = std::min(j1, visible_end(sq, i, p.causal));
-            if (ke <= jb) continue;
-            const S* qr = row_ptr(p.q, sq, h, i);
-            const S* gr = row_ptr(p.dout, sq, h, i);
-            for (int64_t d = 0; d < D; ++d) q[d] = load<A>(qr + d) * scale, g[d] = load<A>(gr + d);
-            scores(q.data(), kt.data(), D, s.data());
-            scores(g.data(), vt.data(), D, dp.data());
-            for (int64_t jj = jb - j0; jj < ke - j0; ++jj) {
-              const A pj = fast_exp(s[jj] - lse);
-              const A ds = pj * (dp[jj] - delta);
-              A* dvr = dv.data() + jj * D;
-              A* dkr = dk.data() + jj * D;
+          for (int64_t ib = i_first; ib < sq.q_len; ib += kRows) {
+            const int64_t nr = std::min(kRows, sq.q_len - ib);
+            for (int64_t r = 0; r < nr; ++r) {
+              const S* qr = row_ptr(p.q, sq, h, ib + r);
+              const S* gr = row_ptr(p.dout, sq, h, ib + r);
+              for (int64_t d = 0; d < D; ++d) q[r * D + d] = load<A>(qr + d) * scale, g[r * D + d] = load<A>(gr + d);
+            }
+            if (nr == kRows) {
+              scores_rows(q.data(), kt.data(), D, s.data());
+              scores_rows(g.data(), vt.data(), D, dp.data());
+            } else {
+              for (int64_t r = 0; r < nr; ++r) {
+                scores(q.data() + r * D, kt.data(), D, s.data() + r * kBK);
+                scores(g.data() + r * D, vt.data(), D, dp.data() + r * kBK);
+              }
+            }
+            // probabilities and score gradients of the group's rows (0 where a key is hidden),
+            // then dV, dK rows updated once per group: P^T dO and dS^T Q on the tile
+            A pr[kRows][kBK], dsr[kRows][kBK];
+            for (int64_t r = 0; r < kRows; ++r) {
+              const int64_t i = ib + r;
+              const int64_t li = sq.lse_off + h * p.lse_head_stride + i * p.lse_row_stride;
+              const A lse = r < nr ? lse_all[li] : neg_inf<A>(), delta = r < nr ? delta_all[li] : A(0);
+              const int64_t ke = r < nr && lse != neg_inf<A>() ? std::min(j1, visible_end(sq, i, p.causal)) : j0;
+              for (int64_t jj = 0; jj < kBK; ++jj) {
+                const bool vis = jj >= jb - j0 && jj < ke - j0;
+                const A pj = vis ? fast_exp(s[r * kBK + jj] - lse) : A(0);
+                pr[r][jj] = pj;
+                dsr[r][jj] = vis ? pj * (dp[r * kBK + jj] - delta) : A(0);
+              }
+            }
+            if (nr < kRows) {  // rows beyond the sequence: zero inputs (their weights are 0 too)
+              for (int64_t r = nr; r < kRows; ++r)
+                for (int64_t d = 0; d < D; ++d) q[r * D + d] = g[r * D + d] = A(0);
+            }
+            for (int64_t jj = jb - j0; jj < n; ++jj) {
+              A* __restrict dvr = dv.data() + jj * D;
+              A* __restrict dkr = dk.data() + jj * D;
+              const A p0 = pr[0][jj], p1 = pr[1][jj], p2 = pr[2][jj], p3 = pr[3][jj];
+              const A s0 = dsr[0][jj], s1 = dsr[1][jj], s2 = dsr[2][jj], s3 = dsr[3][jj];
+              if (p0 == A(0) && p1 == A(0) && p2 == A(0) && p3 == A(0)) continue;
+              const A *__restrict g0 = g.data(), *__restrict g1 = g0 + D, *__restrict g2 = g1 + D, *__restrict g3 = g2 + D;
+              const A *__restrict q0 = q.data(), *__restrict q1 = q0 + D, *__restrict q2 = q1 + D, *__restrict q3 = q2 + D;
 #pragma omp simd
-              for (int64_t d = 0; d < D; ++d) dvr[d] += pj * g[d], dkr[d] += ds * q[d];
+              for (int64_t d = 0; d < D; ++d) {
+                dvr[d] += p0 * g0[d] + p1 * g1[d] + p2 * g2[d] + p3 * g3[d];
+                dkr[d] += s0 * q0[d] + s1 * q1[d] + s2 * q2[d] + s3 * q3[d];
+              }
             }
           }
         }

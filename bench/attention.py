@@ -1,0 +1,108 @@
+"""attention / decode_attention: the fastrlhf kernels vs F.scaled_dot_product_attention
+(PyTorch's own flash / efficient kernels) and the eager math reference. Causal, B=4, H=8 (and
+GQA Hkv=2), D=64 and 128, T = 256 / 1024 / 2048; forward and forward+backward; varlen with 50%
+padding vs the padded call; decode against caches of 512..8192. GFLOP/s count valid-token FLOPs
+(causal: half the square), compared with a same-size matmul measured in the same run; decode
+reports GB/s of K/V read against the measured copy bandwidth."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import _harness as H
+
+import fastrlhf
+
+
+def sdpa(q, k, v, causal):
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
+def main(argv=None) -> dict:
+    args = H.parser(__doc__.splitlines()[0]).parse_args(argv)
+    dev = args.device
+    repeat = args.repeat or (2 if args.quick else 5)
+    bw = H.measure_bandwidth(dev, quick=args.quick)
+    mm = H.matmul_gflops(dev, quick=args.quick)
+    dtype = torch.float32 if dev == "cpu" else torch.bfloat16
+    dn = "fp32" if dtype == torch.float32 else "bf16"
+    rows: list[H.Row] = []
+    B, Hq = (2, 2) if args.quick else (4, 8)
+    Ts = [64] if args.quick else [256, 1024, 2048]
+    Ds = [64] if args.quick else [64, 128]
+    for D in Ds:
+        for Hkv in ([Hq] if args.quick else [Hq, 2]):
+            for T in Ts:
+                g = torch.Generator().manual_seed(0)
+                q = torch.randn(B, Hq, T, D, generator=g).to(dev, dtype).requires_grad_()
+                k = torch.randn(B, Hkv, T, D, generator=g).to(dev, dtype).requires_grad_()
+                v = torch.randn(B, Hkv, T, D, generator=g).to(dev, dtype).requires_grad_()
+                flops_fwd = 4 * B * Hq * D * T * (T + 1) / 2  # causal: valid pairs only
+                providers = {
+                    "kernel": lambda: fastrlhf.ops.attention(q, k, v, causal=True),
+                    "sdpa": lambda: sdpa(q, k, v, True),
+                }
+                if T <= 1024:
+                    providers["reference"] = lambda: fastrlhf.ops.attention(q, k, v, causal=True, impl="reference")
+                want = sdpa(q.detach(), k.detach(), v.detach(), True)
+                grad = torch.randn_like(want)
+                for name, f in providers.items():
+                    def fwd():
+                        with torch.no_grad():
+                            return f()
+
+                    def full():
+                        return torch.autograd.grad(f(), (q, k, v), grad)
+
+                    err = (fwd().float() - want.float()).abs().max().item()
+                    if not err < (1e-3 if dtype == torch.float32 else 3e-2):
+                        raise AssertionError(f"attention provider {name} differs from SDPA by {err}")
+                    slow = name == "reference"
+                    t_f = H.time_fn(fwd, dev, repeat=2 if slow else repeat, max_time=20)
+                    t_b = H.time_fn(full, dev, repeat=2 if slow else repeat, max_time=20)
+                    shape = f"B{B} H{Hq}/{Hkv} T{T} D{D}"
+                    for op, t, fl in (("attention fwd", t_f, flops_fwd), ("attention fwd+bwd", t_b, 3.5 * flops_fwd)):
+                        gf = fl / t / 1e9
+                        rows.append(H.Row(op, shape, dn, name, t * 1e3, extra={"gflops": gf, "frac_matmul": gf / mm}))
+    # varlen with 50% padding vs the padded call on the same (padded) batch
+    T, D, Hkv = (64, 64, Hq) if args.quick else (1024, 64, Hq)
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths = (lengths.float() * (0.5 * B * T / lengths.sum().item())).clamp(1, T).long()  # ~50% padding
+    q = torch.randn(B, Hq, T, D, generator=g).to(dev, dtype)
+    k = torch.randn(B, Hkv, T, D, generator=g).to(dev, dtype)
+    v = torch.randn(B, Hkv, T, D, generator=g).to(dev, dtype)
+    pack = lambda x: torch.cat([x[b, :, : lengths[b]].transpose(0, 1) for b in range(B)])  # noqa: E731
+    qp, kp, vp = pack(q), pack(k), pack(v)
+    cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(dev)
+    for name, f in {"kernel varlen": lambda: fastrlhf.ops.attention(qp, kp, vp, causal=True, cu_seqlens=cu),
+                    "kernel padded": lambda: fastrlhf.ops.attention(q, k, v, causal=True, key_lengths=lengths.to(dev)),
+                    "sdpa padded": lambda: sdpa(q, k, v, True)}.items():
+        with torch.no_grad():
+            t = H.time_fn(f, dev, repeat=repeat)
+        rows.append(H.Row("attention varlen 50% pad", f"B{B} T{T} D{D}", dn, name, t * 1e3))
+    # decode: one new token against caches of growing length
+    for L in ([128] if args.quick else [512, 2048, 8192]):
+        Bd, Hd, Hkvd, Dd = (2, 2, 2, 64) if args.quick else (8, 32, 8, 128)
+        qd = torch.randn(Bd, Hd, 1, Dd, device=dev, dtype=dtype)
+        kc = torch.randn(Bd, Hkvd, L, Dd, device=dev, dtype=dtype)
+        vc = torch.randn(Bd, Hkvd, L, Dd, device=dev, dtype=dtype)
+        lens = torch.full((Bd,), L, device=dev, dtype=torch.long)
+        kv_bytes = 2 * kc.numel() * kc.element_size()
+        for name, f in {"kernel": lambda: fastrlhf.ops.decode_attention(qd, kc, vc, lens),
+                        "sdpa": lambda: sdpa(qd, kc, vc, False)}.items():
+            t = H.time_fn(f, dev, repeat=repeat)
+            gbps = kv_bytes / t / 1e9
+            rows.append(H.Row("decode_attention", f"B{Bd} H{Hd}/{Hkvd} L{L} D{Dd}", dn, name, t * 1e3, gbps, gbps / bw))
+    H.add_speedups(rows, "sdpa")
+    return H.report("attention", rows, args, {"copy_bandwidth_GBps": round(bw, 1), "matmul_GFLOPs": round(mm, 1)})
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
