@@ -62,4 +62,7 @@ namespace fastrlhf::kernels::attention {
 // head, key block) for dK/dV; key tiles skipped where the causal mask hides them entirely.
 Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
 Status launch_backward_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
+// Few query rows per sequence (decode): one task per (sequence, kv head) covering the group's
+// query heads, K and V streamed once, no staging.
+Status launch_decode_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
 }  // namespace fastrlhf::kernels::attention

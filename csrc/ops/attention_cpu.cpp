@@ -135,7 +135,7 @@ Tensor decode_attention_cpu(const Tensor& q, const Tensor& k_cache, const Tensor
   Tensor lse = at::empty(c.lse_shape, q.options().dtype(lse_type(q)));
   c.params.o = out.data_ptr();
   c.params.lse = static_cast<float*>(lse.data_ptr());
-  check_status(k::attention::launch_cpu(c.params, c.dtype, torch_parallel_for()), "decode_attention");
+  check_status(k::attention::launch_decode_cpu(c.params, c.dtype, torch_parallel_for()), "decode_attention");
   return out;
 }
 

@@ -165,6 +165,84 @@ void forward(const Params& p, const cpu::ParallelFor& parallel_for) {
   });
 }
 
+// Decode (few query rows per sequence): one task per (sequence, kv head) holding the rows of
+// all query heads of its group, so K and V are streamed from memory once per group, row by row
+// (no staging); scores by dot products, then the same online softmax as forward().
+template <typename S>
+void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
+  using A = acc_t<S>;
+  const int64_t D = p.D, group = p.H / p.Hkv;
+  const A scale = A(p.scale);
+  parallel_for(p.n_seq * p.Hkv, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const Seq& sq = p.seqs[t / p.Hkv];
+      const int64_t hk = t % p.Hkv, nr = group * sq.q_len;  // row r = (head hk*group + r / q_len, i = r % q_len)
+      std::vector<A> q(nr * D), acc(nr * D, A(0)), s(nr * kBK), m(nr, neg_inf<A>()), l(nr, A(0)), kv(D);
+      std::vector<int64_t> vis_end(nr);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t h = hk * group + r / sq.q_len, i = r % sq.q_len;
+        const S* Q = static_cast<const S*>(p.q) + sq.q_off + h * p.q_head_stride + i * p.q_row_stride;
+        for (int64_t d = 0; d < D; ++d) q[r * D + d] = load<A>(Q + d) * scale;
+        vis_end[r] = visible_end(sq, i, p.causal);
+      }
+      const S* K = static_cast<const S*>(p.k) + sq.k_off + hk * p.k_head_stride;
+      const S* V = static_cast<const S*>(p.v) + sq.k_off + hk * p.k_head_stride;
+      const int64_t k_hi = *std::max_element(vis_end.begin(), vis_end.end());
+      for (int64_t j0 = sq.k_begin; j0 < k_hi; j0 += kBK) {
+        const int64_t j1 = std::min(k_hi, j0 + kBK);
+        for (int64_t j = j0; j < j1; ++j) {
+          for (int64_t d = 0; d < D; ++d) kv[d] = load<A>(K + j * p.k_row_stride + d);
+          for (int64_t r = 0; r < nr; ++r) {
+            A dot = 0;
+            const A* __restrict qr = q.data() + r * D;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t d = 0; d < D; ++d) dot += qr[d] * kv[d];
+            s[r * kBK + (j - j0)] = dot;
+          }
+        }
+        for (int64_t r = 0; r < nr; ++r) {  // online softmax over the tile
+          const int64_t vis = std::min(j1, vis_end[r]) - j0;
+          A* sr = s.data() + r * kBK;
+          if (vis <= 0) {
+            for (int64_t jj = 0; jj < kBK; ++jj) sr[jj] = A(0);
+            continue;
+          }
+          A tile_max = neg_inf<A>();
+          for (int64_t jj = 0; jj < vis; ++jj) tile_max = sr[jj] > tile_max ? sr[jj] : tile_max;
+          const A m_new = tile_max > m[r] ? tile_max : m[r];
+          const A corr = m[r] == neg_inf<A>() ? A(0) : fast_exp(m[r] - m_new);
+          A sum = 0;
+          for (int64_t jj = 0; jj < kBK; ++jj) {
+            sr[jj] = jj < vis ? fast_exp(sr[jj] - m_new) : A(0);
+            sum += sr[jj];
+          }
+          l[r] = l[r] * corr + sum;
+          m[r] = m_new;
+          for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= corr;
+        }
+        for (int64_t j = j0; j < j1; ++j) {  // P.V, each V row read once for all rows
+          for (int64_t d = 0; d < D; ++d) kv[d] = load<A>(V + j * p.k_row_stride + d);
+          for (int64_t r = 0; r < nr; ++r) {
+            const A pj = s[r * kBK + (j - j0)];
+            if (pj == A(0)) continue;
+            A* __restrict ar = acc.data() + r * D;
+#pragma omp simd
+            for (int64_t d = 0; d < D; ++d) ar[d] += pj * kv[d];
+          }
+        }
+      }
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t h = hk * group + r / sq.q_len, i = r % sq.q_len;
+        S* O = static_cast<S*>(p.o) + sq.q_off + h * p.q_head_stride + i * p.q_row_stride;
+        A* lse = static_cast<A*>(static_cast<void*>(p.lse)) + sq.lse_off + h * p.lse_head_stride;
+        const A inv = l[r] > A(0) ? A(1) / l[r] : A(0);
+        for (int64_t d = 0; d < D; ++d) store(O + d, acc[r * D + d] * inv);
+        lse[i * p.lse_row_stride] = l[r] > A(0) ? m[r] + std::log(l[r]) : neg_inf<A>();
+      }
+    }
+  });
+}
+
 template <typename S>
 void backward(const Params& p, const cpu::ParallelFor& parallel_for) {
   using A = acc_t<S>;
@@ -325,6 +403,11 @@ void backward(const Params& p, const cpu::ParallelFor& parallel_for) {
 
 Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for) {
   dispatch_cpu(dtype, [&](auto s) { forward<decltype(s)>(p, parallel_for); });
+  return Status::kOk;
+}
+
+Status launch_decode_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for) {
+  dispatch_cpu(dtype, [&](auto s) { decode_forward<decltype(s)>(p, parallel_for); });
   return Status::kOk;
 }
 

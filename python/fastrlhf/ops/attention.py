@@ -86,9 +86,10 @@ def attention(q, k, v, *, causal: bool = True, scale: float | None = None, cu_se
         B, Tk = q.shape[0], k.shape[2]
         key_lengths = _int_vector(op, "key_lengths", key_lengths, B, q.device)
         key_start = _int_vector(op, "key_start", key_start, B, q.device)
-        for name, x in (("key_lengths", key_lengths), ("key_start", key_start)):
-            if x is not None and ((x < 0) | (x > Tk)).any():
-                raise ValueError(f"fastrlhf.ops.{op}: {name} must be in [0, Tk] = [0, {Tk}]")
+        if not torch.compiler.is_compiling():  # value checks read the data (the op checks too)
+            for name, x in (("key_lengths", key_lengths), ("key_start", key_start)):
+                if x is not None and ((x < 0) | (x > Tk)).any():
+                    raise ValueError(f"fastrlhf.ops.{op}: {name} must be in [0, Tk] = [0, {Tk}]")
     else:
         if key_lengths is not None or key_start is not None:
             raise ValueError(f"fastrlhf.ops.{op}: key_lengths / key_start are for the padded layout; "
@@ -103,12 +104,14 @@ def attention(q, k, v, *, causal: bool = True, scale: float | None = None, cu_se
         if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
             raise TypeError(f"fastrlhf.ops.{op}: cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
         cu = cu_seqlens.long()
-        if int(cu[0]) != 0 or int(cu[-1]) != q.shape[0] or bool((cu[1:] < cu[:-1]).any()):
-            raise ValueError(f"fastrlhf.ops.{op}: cu_seqlens must start at 0, be non-decreasing and end at the "
-                             f"number of tokens {q.shape[0]}, got {cu.tolist()[:8]}")
-        longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-        if max_seqlen is not None and int(max_seqlen) < longest:
-            raise ValueError(f"fastrlhf.ops.{op}: max_seqlen {max_seqlen} is below the longest sequence ({longest})")
+        if not torch.compiler.is_compiling():  # value checks read the data (the op checks too)
+            if int(cu[0]) != 0 or int(cu[-1]) != q.shape[0] or bool((cu[1:] < cu[:-1]).any()):
+                raise ValueError(f"fastrlhf.ops.{op}: cu_seqlens must start at 0, be non-decreasing and end at "
+                                 f"the number of tokens {q.shape[0]}, got {cu.tolist()[:8]}")
+            longest = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
+            if max_seqlen is not None and int(max_seqlen) < longest:
+                raise ValueError(f"fastrlhf.ops.{op}: max_seqlen {max_seqlen} is below the longest sequence "
+                                 f"({longest})")
         cu_seqlens = cu
     scale = D**-0.5 if scale is None else check_finite_scalar(op, "scale", scale)
     if use_kernel(op, impl, q.device, q.dtype, cuda_kernel=_CUDA_KERNEL):
@@ -132,7 +135,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     lens = _int_vector(op, "cache_seqlens", cache_seqlens, B, q.device)
     if lens is None:
         raise ValueError(f"fastrlhf.ops.{op}: cache_seqlens is required")
-    if ((lens < Tq) | (lens > k_cache.shape[2])).any():
+    if not torch.compiler.is_compiling() and ((lens < Tq) | (lens > k_cache.shape[2])).any():
         raise ValueError(f"fastrlhf.ops.{op}: cache_seqlens must be in [Tq, Tmax] = [{Tq}, {k_cache.shape[2]}] "
                          "(they count the new tokens, already written to the caches)")
     scale = D**-0.5 if scale is None else check_finite_scalar(op, "scale", scale)

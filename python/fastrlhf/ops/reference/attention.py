@@ -21,6 +21,13 @@ def _attend(q, k, v, visible, scale):
     return torch.matmul(p, v)
 
 
+def _in_range(x, k_begin, k_end):
+    """x [Hkv, Tk, D] with rows outside [k_begin, k_end) zeroed: padding may hold anything (even
+    NaN) and must not reach the output through 0 * NaN."""
+    j = torch.arange(x.shape[1], device=x.device)[None, :, None]
+    return torch.where((j >= k_begin) & (j < k_end), x, torch.zeros((), dtype=x.dtype, device=x.device))
+
+
 def _visible(Tq, Tk, k_begin, k_end, causal, offset, device):
     i = torch.arange(Tq, device=device)[:, None]
     j = torch.arange(Tk, device=device)[None, :]
@@ -38,15 +45,20 @@ def attention(q, k, v, *, causal=True, scale=None, cu_seqlens=None, key_lengths=
     if cu_seqlens is None:  # padded [B, H, T, D]
         B, _, Tq, _ = q.shape
         Tk = k.shape[2]
+        if B == 0:  # empty, but still a function of q, k and v for autograd
+            return q * 0 + (k.sum() + v.sum()) * 0
         outs = []
         for b in range(B):
             kb = int(key_start[b]) if key_start is not None else 0
             ke = int(key_lengths[b]) if key_lengths is not None else Tk
             vis = _visible(Tq, Tk, kb, ke, causal, Tk - Tq, q.device)
-            outs.append(_attend(qa[b], ka[b], va[b], vis, scale))
+            kk, vv = _in_range(ka[b], kb, ke), _in_range(va[b], kb, ke)
+            outs.append(_attend(qa[b], kk, vv, vis, scale))
         return torch.stack(outs).to(q.dtype)
     # varlen [total, H, D]
     cu = [int(x) for x in cu_seqlens.tolist()]
+    if q.shape[0] == 0:  # empty, but still a function of q, k and v for autograd
+        return q * 0 + (k.sum() + v.sum()) * 0
     out = torch.zeros_like(qa)
     for b in range(len(cu) - 1):
         s, e = cu[b], cu[b + 1]
@@ -65,9 +77,12 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale=None):
     scale = D**-0.5 if scale is None else scale
     B, _, Tq, _ = q.shape
     Tmax = k_cache.shape[2]
+    if B == 0:
+        return q * 0 + (k_cache.sum() + v_cache.sum()) * 0
     outs = []
     for b in range(B):
         n = int(cache_seqlens[b])
         vis = _visible(Tq, Tmax, 0, n, True, n - Tq, q.device)
-        outs.append(_attend(q[b].to(acc), k_cache[b].to(acc), v_cache[b].to(acc), vis, scale))
+        kk, vv = _in_range(k_cache[b].to(acc), 0, n), _in_range(v_cache[b].to(acc), 0, n)
+        outs.append(_attend(q[b].to(acc), kk, vv, vis, scale))
     return torch.stack(outs).to(q.dtype)
