@@ -1,6 +1,6 @@
 # fastrlhf: the two commands of README.md, plus helpers.
 #   make test   create .venv if missing, install torch + build tools, build the extension, run pytest
-#   make demo   the main job (until the trainers land: the advantage-kernel benchmarks)
+#   make demo   the main job (until the trainers land: the RL-kernel benchmarks, ~3 minutes)
 #   make bench  every benchmark, one table (writes bench/results/)
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,6 +8,7 @@ TORCH_VERSION ?= 2.14.1
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.fastrlhf-deps-$(TORCH_VERSION)
+BENCH_ARGS ?=  # e.g. BENCH_ARGS="--device cuda" on a GPU machine
 
 .PHONY: all venv build test test-cuda demo bench clean
 
@@ -33,12 +34,12 @@ test-cuda: build
 	$(PY) -m pytest -q -m cuda
 
 demo: build
-	@echo "fastrlhf demo: the RLHF loop (trainers) is not built yet; running the advantage-kernel"
-	@echo "benchmarks instead (kernel vs the PyTorch code trainers use, one table)."
-	$(PY) bench/all.py
+	@echo "fastrlhf demo: the RLHF loop (trainers) is not built yet; running the RL-kernel benchmarks"
+	@echo "instead (advantages, losses, sampling: kernel vs the PyTorch code trainers use, one table)."
+	$(PY) bench/all.py --only gae,group_advantages,whiten,td_targets,losses,sample $(BENCH_ARGS)
 
 bench: build
-	$(PY) bench/all.py
+	$(PY) bench/all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf build .pytest_cache .hypothesis
