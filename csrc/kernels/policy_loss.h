@@ -89,6 +89,29 @@ FRL_HD Token<A> token(const Params& p, A logp, A old, A adv, A ref, A ent) {
   return Token<A>{loss, pg, kl, ratio, clip_low, clip_high, dual};
 }
 
+// A row's partials before its first token; add_token adds one valid token (kRatioMax is a
+// running max, NaN-ignoring like fmax). Shared by the generic CPU rows and the CUDA rows kernel.
+FRL_HD void init_partials(double* s) {
+  for (int k = 0; k < kNumPartials; ++k) s[k] = 0;
+  s[kRatioMax] = -HUGE_VAL;
+}
+
+template <typename A>
+FRL_HD void add_token(double* s, const Token<A>& k, A entropy, A log_ratio) {
+  s[kLoss] += k.loss;
+  s[kPg] += k.pg;
+  s[kKl] += k.kl;
+  s[kEntropy] += entropy;
+  s[kClip] += (k.clip_low || k.clip_high) ? 1 : 0;
+  s[kClipLow] += k.clip_low ? 1 : 0;
+  s[kClipHigh] += k.clip_high ? 1 : 0;
+  s[kDualClip] += k.dual ? 1 : 0;
+  s[kApproxKl] += double((k.ratio - A(1)) - log_ratio);
+  s[kRatio] += k.ratio;
+  s[kRatioMax] = double(k.ratio) > s[kRatioMax] ? double(k.ratio) : s[kRatioMax];
+  s[kLen] += 1;
+}
+
 // d token loss / d logp.
 template <typename A>
 FRL_HD A token_grad(const Params& p, A logp, A old, A adv, A ref) {

@@ -245,7 +245,7 @@ void run(const Params& p, const cpu::ParallelFor& parallel_for) {
     return;
   }
   // grain: enough rows that each task streams at least ~64K steps
-  const int64_t grain = std::max<int64_t>(kRows, (int64_t(1) << 16) / std::max<int64_t>(p.T, 1));
+  const int64_t grain = std::max<int64_t>(kRows, cpu::rows_grain(p.T, int64_t(1) << 16));
   parallel_for(p.B, grain, [&](int64_t b0, int64_t b1) { run_rows<S, A>(p, b0, b1); });
 }
 

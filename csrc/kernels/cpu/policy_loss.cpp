@@ -17,7 +17,7 @@ using kl_penalty::Estimator;
 template <typename S>
 const S* ptr(const void* p, int64_t o) { return p ? static_cast<const S*>(p) + o : nullptr; }
 
-int64_t row_grain(const Params& p) { return std::max<int64_t>(1, 4096 / std::max<int64_t>(p.T, 1)); }
+int64_t row_grain(const Params& p) { return cpu::rows_grain(p.T, 4096); }
 
 // ---- specialized fp32 rows ------------------------------------------------------------------
 
@@ -134,29 +134,14 @@ void forward_row(const Params& p, int64_t b) {
   const S *lp = ptr<S>(p.logprobs, o), *old = ptr<S>(p.old_logprobs, o), *adv = ptr<S>(p.advantages, o);
   const S *ref = ptr<S>(p.ref_logprobs, o), *ent = ptr<S>(p.entropy, o);
   const uint8_t* m = p.mask + o;
-  double s[kNumPartials] = {};
-  double r_max = -HUGE_VAL;
+  double* row = p.partials + b * kNumPartials;
+  init_partials(row);
   for (int64_t t = 0; t < p.T; ++t) {
     if (!m[t]) continue;
     const A l = load<A>(lp + t), ol = load<A>(old + t);
     const A e = ent ? load<A>(ent + t) : A(0);
-    const Token<A> k = token(p, l, ol, load<A>(adv + t), ref ? load<A>(ref + t) : l, e);
-    s[kLoss] += k.loss;
-    s[kPg] += k.pg;
-    s[kKl] += k.kl;
-    s[kEntropy] += e;
-    s[kClip] += (k.clip_low || k.clip_high) ? 1 : 0;
-    s[kClipLow] += k.clip_low ? 1 : 0;
-    s[kClipHigh] += k.clip_high ? 1 : 0;
-    s[kDualClip] += k.dual ? 1 : 0;
-    s[kApproxKl] += double((k.ratio - A(1)) - (l - ol));
-    s[kRatio] += k.ratio;
-    r_max = double(k.ratio) > r_max ? double(k.ratio) : r_max;
-    s[kLen] += 1;
+    add_token(row, token(p, l, ol, load<A>(adv + t), ref ? load<A>(ref + t) : l, e), e, l - ol);
   }
-  double* row = p.partials + b * kNumPartials;
-  for (int k = 0; k < kNumPartials; ++k) row[k] = s[k];
-  row[kRatioMax] = r_max;
 }
 
 template <typename S>

@@ -44,7 +44,7 @@ void forward_row(const Params& p, int64_t b) {
 
 template <typename S>
 void run(const Params& p, const cpu::ParallelFor& parallel_for) {
-  parallel_for(p.B, std::max<int64_t>(1, 4096 / std::max<int64_t>(p.T, 1)), [&](int64_t b0, int64_t b1) {
+  parallel_for(p.B, cpu::rows_grain(p.T, 4096), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) forward_row<S>(p, b);
   });
   finalize<acc_t<S>>(p);
@@ -54,7 +54,7 @@ template <typename S>
 void run_backward(const Params& p, const cpu::ParallelFor& parallel_for) {
   using A = acc_t<S>;
   const A g = *static_cast<const A*>(p.grad_loss), clip = A(p.clip);
-  parallel_for(p.B, std::max<int64_t>(1, 4096 / std::max<int64_t>(p.T, 1)), [&](int64_t b0, int64_t b1) {
+  parallel_for(p.B, cpu::rows_grain(p.T, 4096), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t o = b * p.T;
       const S* v = static_cast<const S*>(p.values) + o;

@@ -20,29 +20,17 @@ __global__ void __launch_bounds__(kThreads) rows_kernel(Params p) {
   const S* ref = p.ref_logprobs ? static_cast<const S*>(p.ref_logprobs) + o : nullptr;
   const S* ent = p.entropy ? static_cast<const S*>(p.entropy) + o : nullptr;
   const uint8_t* m = p.mask + o;
-  double s[kNumPartials] = {};
-  double ratio_max = -HUGE_VAL;
+  double s[kNumPartials];
+  init_partials(s);
   for (int64_t t = threadIdx.x; t < p.T; t += kThreads) {
     if (!m[t]) continue;
     const A l = cuda::load<A>(lp + t), ol = cuda::load<A>(old + t);
     const A e = ent ? cuda::load<A>(ent + t) : A(0);
-    const Token<A> k = token(p, l, ol, cuda::load<A>(adv + t), ref ? cuda::load<A>(ref + t) : l, e);
-    s[kLoss] += k.loss;
-    s[kPg] += k.pg;
-    s[kKl] += k.kl;
-    s[kEntropy] += e;
-    s[kClip] += (k.clip_low || k.clip_high) ? 1 : 0;
-    s[kClipLow] += k.clip_low ? 1 : 0;
-    s[kClipHigh] += k.clip_high ? 1 : 0;
-    s[kDualClip] += k.dual ? 1 : 0;
-    s[kApproxKl] += double((k.ratio - A(1)) - (l - ol));
-    s[kRatio] += k.ratio;
-    ratio_max = fmax(ratio_max, double(k.ratio));
-    s[kLen] += 1;
+    add_token(s, token(p, l, ol, cuda::load<A>(adv + t), ref ? cuda::load<A>(ref + t) : l, e), e, l - ol);
   }
   double* row = p.partials + b * kNumPartials;
   for (int k = 0; k < kNumPartials; ++k) {
-    const double v = k == kRatioMax ? cuda::block_max(ratio_max, smem) : cuda::block_sum(s[k], smem);
+    const double v = k == kRatioMax ? cuda::block_max(s[k], smem) : cuda::block_sum(s[k], smem);
     if (threadIdx.x == 0) row[k] = v;
   }
 }
