@@ -83,8 +83,6 @@ AttnCall prepare(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
   return c;
 }
 
-at::ScalarType lse_type(const Tensor& q) { return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const Tensor& v, bool causal, double scale,
                                          const std::optional<Tensor>& cu_seqlens_q,
                                          const std::optional<Tensor>& cu_seqlens_k,
@@ -92,7 +90,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
                                          const std::optional<Tensor>& key_start) {
   auto c = prepare(q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_k, key_lengths, key_start);
   Tensor out = at::empty_like(c.q);
-  Tensor lse = at::empty(c.lse_shape, q.options().dtype(lse_type(q)));
+  Tensor lse = at::empty(c.lse_shape, q.options().dtype(acc_type(q.scalar_type())));
   c.params.o = out.data_ptr();
   c.params.lse = static_cast<float*>(lse.data_ptr());
   check_status(k::attention::launch_cpu(c.params, c.dtype, torch_parallel_for()), "attention");
@@ -106,7 +104,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   auto c = prepare(q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_k, key_lengths, key_start);
   check_same(grad_out, q, "grad_out", "q");
   check_same(out, q, "out", "q");
-  const Tensor g = grad_out.to(q.scalar_type()).contiguous(), o = out.contiguous(), l = lse.to(lse_type(q)).contiguous();
+  const Tensor g = grad_out.to(q.scalar_type()).contiguous(), o = out.contiguous(), l = lse.to(acc_type(q.scalar_type())).contiguous();
   TORCH_CHECK(l.sizes() == at::IntArrayRef(c.lse_shape), "fastrlhf: lse has the wrong shape ", l.sizes());
   Tensor dq = at::empty_like(c.q), dk = at::zeros_like(c.k), dv = at::zeros_like(c.v);
   Tensor delta = at::empty_like(l);
@@ -132,7 +130,7 @@ Tensor decode_attention_cpu(const Tensor& q, const Tensor& k_cache, const Tensor
     s.causal_offset = s.k_end - Tq;
   }
   Tensor out = at::empty_like(c.q);
-  Tensor lse = at::empty(c.lse_shape, q.options().dtype(lse_type(q)));
+  Tensor lse = at::empty(c.lse_shape, q.options().dtype(acc_type(q.scalar_type())));
   c.params.o = out.data_ptr();
   c.params.lse = static_cast<float*>(lse.data_ptr());
   check_status(k::attention::launch_decode_cpu(c.params, c.dtype, torch_parallel_for()), "decode_attention");

@@ -59,7 +59,7 @@ Triple linear_token_logprobs(const Tensor& hidden, const Tensor& weight, const T
                              const std::optional<Tensor>& bias, double temperature, int64_t chunk_size) {
   check_inputs(hidden, weight, tokens, bias, chunk_size);
   const int64_t N = hidden.size(0);
-  const auto acc = hidden.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(hidden.scalar_type());
   Tensor logprobs = at::empty({N}, hidden.options().dtype(acc));
   Tensor entropy = at::empty({N}, hidden.options().dtype(acc));
   Tensor row_stats = at::empty({N, 2}, hidden.options().dtype(acc));

@@ -9,8 +9,6 @@
 
 namespace fastrlhf::ops {
 
-inline at::ScalarType loss_acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 // [B, T] float tensor with the shape, dtype and device of `ref`, made contiguous.
 inline Tensor bt_like(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
   check_same(t, ref, name, ref_name);
@@ -96,7 +94,7 @@ inline PolicyLossCall prepare_policy_loss(const Tensor& logprobs, const Tensor& 
 template <typename Call>
 void alloc_loss_forward(Call& c, const Tensor& like, int n_partials, int n_stats, int64_t agg, double normalizer,
                         double norm_length) {
-  const auto opts = like.options().dtype(loss_acc_type(like.scalar_type()));
+  const auto opts = like.options().dtype(acc_type(like.scalar_type()));
   auto& p = c.params;
   c.partials = at::empty({p.B, n_partials}, like.options().dtype(at::kDouble));
   c.loss = at::empty({}, opts);
@@ -116,7 +114,7 @@ inline void alloc_policy_forward(PolicyLossCall& c, int64_t agg, double normaliz
 
 inline void alloc_policy_backward(PolicyLossCall& c, const Tensor& grad_loss, const Tensor& row_weight,
                                   bool has_entropy) {
-  const auto acc = loss_acc_type(c.logprobs.scalar_type());
+  const auto acc = acc_type(c.logprobs.scalar_type());
   TORCH_CHECK(grad_loss.numel() == 1, "fastrlhf: grad_loss must be a scalar");
   TORCH_CHECK(row_weight.dim() == 1 && row_weight.size(0) == c.params.B, "fastrlhf: row_weight must be [B]");
   c.grad_loss = grad_loss.to(acc).contiguous();
@@ -164,7 +162,7 @@ inline void alloc_value_forward(ValueLossCall& c, int64_t agg, double normalizer
 }
 
 inline void alloc_value_backward(ValueLossCall& c, const Tensor& grad_loss, const Tensor& row_weight) {
-  const auto acc = loss_acc_type(c.values.scalar_type());
+  const auto acc = acc_type(c.values.scalar_type());
   TORCH_CHECK(grad_loss.numel() == 1, "fastrlhf: grad_loss must be a scalar");
   TORCH_CHECK(row_weight.dim() == 1 && row_weight.size(0) == c.params.B, "fastrlhf: row_weight must be [B]");
   c.grad_loss = grad_loss.to(acc).contiguous();

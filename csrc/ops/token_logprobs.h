@@ -6,8 +6,6 @@
 
 namespace fastrlhf::ops {
 
-inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
 struct TokenLogprobsCall {
   Tensor logits, tokens, logprobs, entropy, row_stats;
   k::token_logprobs::Params params;

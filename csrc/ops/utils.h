@@ -30,6 +30,9 @@ inline k::DType to_kernel_dtype(at::ScalarType t) {
   }
 }
 
+// The accumulator dtype of a storage dtype: fp64 for fp64, fp32 otherwise (kernels/common.h Acc).
+inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
 inline void check_float(const Tensor& t, const char* name) {
   TORCH_CHECK(at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kFloat8_e4m3fn,
               "fastrlhf: ", name, " must be float32, float64, float16 or bfloat16, got ",

@@ -21,7 +21,7 @@ inline WhitenCall prepare_whiten(const Tensor& x, const std::optional<Tensor>& m
   auto& p = c.params;
   p.mask = bool_ptr(mask, c.mask, x, "mask", "x");
   c.out = at::empty_like(c.x);
-  const auto acc = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = acc_type(x.scalar_type());
   c.mean = at::empty({}, x.options().dtype(acc));
   c.rstd = at::empty({}, x.options().dtype(acc));
   p.x = c.x.const_data_ptr();

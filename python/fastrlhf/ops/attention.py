@@ -33,6 +33,7 @@ import torch
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
+from fastrlhf.ops.reference._acc import acc_dtype
 from fastrlhf.ops._common import Impl, check_finite_scalar, check_tensor, use_kernel
 
 _CUDA_KERNEL = False  # no CUDA attention kernel yet
@@ -151,7 +152,7 @@ if _ext.extension_available():
 
     @torch.library.register_fake("fastrlhf::attention")
     def _fake(q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_k, key_lengths, key_start):
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(q.dtype)
         return q.new_empty(q.shape), q.new_empty(_lse_shape(q, cu_seqlens_q), dtype=acc)
 
     @torch.library.register_fake("fastrlhf::attention_backward")

@@ -16,6 +16,7 @@ from torch import nn
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
+from fastrlhf.ops.reference._acc import acc_dtype
 from fastrlhf.ops._common import Impl, check_index, check_like, check_tensor, use_kernel
 from fastrlhf.ops.token_logprobs import _check_temperature
 
@@ -98,7 +99,7 @@ if _ext.extension_available():
 
     @torch.library.register_fake("fastrlhf::linear_token_logprobs")
     def _fake(hidden, weight, tokens, bias, temperature, chunk_size):
-        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(hidden.dtype)
         N = hidden.shape[0]
         return hidden.new_empty((N,), dtype=acc), hidden.new_empty((N,), dtype=acc), hidden.new_empty((N, 2), dtype=acc)
 

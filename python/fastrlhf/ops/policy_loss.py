@@ -35,6 +35,7 @@ from torch import nn
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
+from fastrlhf.ops.reference._acc import acc_dtype
 from fastrlhf.ops._common import Impl, check_finite_scalar, check_tensor, common_float_dtype, forbid_grad, use_kernel
 from fastrlhf.ops._loss_common import agg_code, bt_mask, check_bt, positive_or_none
 from fastrlhf.ops.kl_penalty import estimator_code
@@ -140,14 +141,11 @@ class PPOLoss(nn.Module):
 
 if _ext.extension_available():
 
-    def _acc(dtype):
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
     @torch.library.register_fake("fastrlhf::policy_loss")
     def _fake(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, clip_low, clip_high, dual_clip,
               kl_coef, kl_estimator, entropy_coef, agg, normalizer, norm_length):
         torch._check(logprobs.dim() == 2, lambda: "logprobs must be [B, T]")
-        acc = _acc(logprobs.dtype)
+        acc = acc_dtype(logprobs.dtype)
         return (logprobs.new_empty((), dtype=acc), logprobs.new_empty((len(STAT_NAMES),), dtype=acc),
                 logprobs.new_empty((logprobs.shape[0],), dtype=acc))
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
+from fastrlhf.ops.reference._acc import acc_dtype
 from fastrlhf.ops._common import Impl, check_finite_scalar, check_index, check_tensor, use_kernel
 
 
@@ -73,14 +74,11 @@ class TokenLogprobs(nn.Module):
 
 if _ext.extension_available():
 
-    def _acc(dtype):
-        return torch.float64 if dtype == torch.float64 else torch.float32
-
     @torch.library.register_fake("fastrlhf::token_logprobs")
     def _token_logprobs_fake(logits, tokens, temperature):
         torch._check(logits.dim() == 2, lambda: "logits must be [N, V]")
         torch._check(tokens.shape == logits.shape[:1], lambda: "tokens must be [N]")
-        N, acc = logits.shape[0], _acc(logits.dtype)
+        N, acc = logits.shape[0], acc_dtype(logits.dtype)
         return logits.new_empty((N,), dtype=acc), logits.new_empty((N,), dtype=acc), logits.new_empty((N, 2), dtype=acc)
 
     @torch.library.register_fake("fastrlhf::token_logprobs_backward")

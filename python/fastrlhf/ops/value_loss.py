@@ -18,6 +18,7 @@ from torch import nn
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
+from fastrlhf.ops.reference._acc import acc_dtype
 from fastrlhf.ops._common import Impl, check_finite_scalar, check_tensor, common_float_dtype, forbid_grad, use_kernel
 from fastrlhf.ops._loss_common import agg_code, bt_mask, check_bt, positive_or_none
 
@@ -82,7 +83,7 @@ if _ext.extension_available():
     @torch.library.register_fake("fastrlhf::value_loss")
     def _fake(values, old_values, returns, mask, clip, agg, normalizer, norm_length):
         torch._check(values.dim() == 2, lambda: "values must be [B, T]")
-        acc = torch.float64 if values.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(values.dtype)
         return (values.new_empty((), dtype=acc), values.new_empty((len(STAT_NAMES),), dtype=acc),
                 values.new_empty((values.shape[0],), dtype=acc))
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
+from fastrlhf.ops.reference._acc import acc_dtype
 from fastrlhf.ops._common import Impl, as_bool_mask, check_finite_scalar, check_tensor, use_kernel
 
 
@@ -80,7 +81,7 @@ if _ext.extension_available():
 
     @torch.library.register_fake("fastrlhf::whiten")
     def _whiten_fake(x, mask, shift_mean, unbiased, eps):
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        acc = acc_dtype(x.dtype)
         return x.new_empty(x.shape), x.new_empty((), dtype=acc), x.new_empty((), dtype=acc)
 
     def _whiten_setup_context(ctx, inputs, output):
