@@ -44,22 +44,23 @@ class SampleOutput(NamedTuple):
     raw_logprobs: torch.Tensor  # [B] fp32: log softmax(logits)(token), unmodified, temperature 1
 
 
-# name: (default, dtype of a per-row tensor, check for one value -> error text or None)
+# name: (default, dtype of a per-row tensor, bad(x) -> bool, requirement). bad() works on a Python
+# number and elementwise on a per-row tensor, so both are held to the same rule.
 _PARAMS = {
-    "temperature": (1.0, torch.float32, lambda v: None if v >= 0 else "must be >= 0 (0: greedy)"),
-    "top_k": (0, torch.int64, lambda v: None if v >= 0 else "must be >= 0 (0: off, 1: greedy)"),
-    "top_p": (1.0, torch.float32, lambda v: None if 0 < v <= 1 else "must be in (0, 1]"),
-    "min_p": (0.0, torch.float32, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
-    "epsilon": (0.0, torch.float32, lambda v: None if 0 <= v <= 1 else "must be in [0, 1]"),
-    "repetition_penalty": (1.0, torch.float32, lambda v: None if v > 0 else "must be > 0 (1: off)"),
-    "presence_penalty": (0.0, torch.float32, lambda v: None),
-    "frequency_penalty": (0.0, torch.float32, lambda v: None),
+    "temperature": (1.0, torch.float32, lambda x: x < 0, "must be >= 0 (0: greedy)"),
+    "top_k": (0, torch.int64, lambda x: x < 0, "must be >= 0 (0: off, 1: greedy)"),
+    "top_p": (1.0, torch.float32, lambda x: (x <= 0) | (x > 1), "must be in (0, 1]"),
+    "min_p": (0.0, torch.float32, lambda x: (x < 0) | (x > 1), "must be in [0, 1]"),
+    "epsilon": (0.0, torch.float32, lambda x: (x < 0) | (x > 1), "must be in [0, 1]"),
+    "repetition_penalty": (1.0, torch.float32, lambda x: x <= 0, "must be > 0 (1: off)"),
+    "presence_penalty": (0.0, torch.float32, None, ""),
+    "frequency_penalty": (0.0, torch.float32, None, ""),
 }
 
 
 def _param(name, value, B, device, validate):
     """-> (per-row tensor or None, scalar value)."""
-    default, dtype, check = _PARAMS[name]
+    default, dtype, bad_value, requirement = _PARAMS[name]
     if value is None:
         return None, default
     if isinstance(value, torch.Tensor):
@@ -76,9 +77,12 @@ def _param(name, value, B, device, validate):
             t = value.to(dtype)
             if validate:
                 bad = ~torch.isfinite(t.double()) if t.is_floating_point() else torch.zeros_like(t, dtype=torch.bool)
-                for i in torch.nonzero(bad | _violations(name, t)).flatten()[:1].tolist():
+                if bad_value is not None:
+                    bad = bad | bad_value(t)
+                for i in torch.nonzero(bad).flatten()[:1].tolist():
                     v = t[i].item()
-                    raise ValueError(f"fastrlhf.ops.sample: {name}[{i}] = {v} {check(v) or 'must be finite'}")
+                    ok = v == v and abs(v) != float("inf")
+                    raise ValueError(f"fastrlhf.ops.sample: {name}[{i}] = {v} {requirement if ok else 'must be finite'}")
             return t, default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"fastrlhf.ops.sample: {name} must be a number or a [B] tensor, got {type(value).__name__}")
@@ -87,25 +91,9 @@ def _param(name, value, B, device, validate):
     v = float(value)
     if v != v or v in (float("inf"), float("-inf")):
         raise ValueError(f"fastrlhf.ops.sample: {name} must be finite, got {value}")
-    err = check(v)
-    if err:
-        raise ValueError(f"fastrlhf.ops.sample: {name} {err}, got {value}")
+    if bad_value is not None and bad_value(v):
+        raise ValueError(f"fastrlhf.ops.sample: {name} {requirement}, got {value}")
     return None, (int(v) if dtype == torch.int64 else v)
-
-
-def _violations(name, t):
-    """Elementwise 'bad value' mask of a per-row tensor (same rules as the scalar checks)."""
-    if name == "temperature":
-        return t < 0
-    if name == "top_k":
-        return t < 0
-    if name == "top_p":
-        return (t <= 0) | (t > 1)
-    if name in ("min_p", "epsilon"):
-        return (t < 0) | (t > 1)
-    if name == "repetition_penalty":
-        return t <= 0
-    return torch.zeros_like(t, dtype=torch.bool)
 
 
 def sample(
