@@ -123,9 +123,11 @@ def attention(q, k, v, *, causal: bool = True, scale: float | None = None, cu_se
                                key_start=key_start)
 
 
-def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None,
+def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None = None, validate: bool = True,
                      impl: Impl = "auto") -> torch.Tensor:
-    """See the module docstring. Returns ``out`` shaped like ``q``."""
+    """See the module docstring. Returns ``out`` shaped like ``q``. ``validate=False`` skips the
+    range check of ``cache_seqlens`` (it reads the values: a GPU sync per call; a decoding loop
+    checks once per step instead)."""
     op = "decode_attention"
     if not (isinstance(q, torch.Tensor) and q.dim() == 4 and isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4):
         raise ValueError(f"fastrlhf.ops.{op}: takes q [B, H, Tq, D] and caches [B, Hkv, Tmax, D]")
@@ -136,7 +138,7 @@ def decode_attention(q, k_cache, v_cache, cache_seqlens, *, scale: float | None 
     lens = _int_vector(op, "cache_seqlens", cache_seqlens, B, q.device)
     if lens is None:
         raise ValueError(f"fastrlhf.ops.{op}: cache_seqlens is required")
-    if not torch.compiler.is_compiling() and ((lens < Tq) | (lens > k_cache.shape[2])).any():
+    if validate and not torch.compiler.is_compiling() and ((lens < Tq) | (lens > k_cache.shape[2])).any():
         raise ValueError(f"fastrlhf.ops.{op}: cache_seqlens must be in [Tq, Tmax] = [{Tq}, {k_cache.shape[2]}] "
                          "(they count the new tokens, already written to the caches)")
     scale = D**-0.5 if scale is None else check_finite_scalar(op, "scale", scale)

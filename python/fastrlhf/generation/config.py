@@ -1,0 +1,58 @@
+"""What ``generate`` takes and returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class GenerationConfig:
+    """Sampling settings. ``max_new_tokens`` and ``stop_token_ids`` may be per row; the sampling
+    parameters may be per-row ``[B]`` tensors (as ``fastrlhf.ops.sample`` takes them)."""
+
+    max_new_tokens: int | Sequence[int] | torch.Tensor = 128
+    """New tokens per row at most: an int, or one per row."""
+    temperature: float | torch.Tensor = 1.0
+    """0 means greedy. Also the temperature of the returned ``logprobs``."""
+    top_k: int | torch.Tensor = 0
+    top_p: float | torch.Tensor = 1.0
+    min_p: float | torch.Tensor = 0.0
+    epsilon: float | torch.Tensor = 0.0
+    """Epsilon-greedy exploration: mix the filtered distribution with a uniform one."""
+    repetition_penalty: float | torch.Tensor = 1.0
+    presence_penalty: float | torch.Tensor = 0.0
+    frequency_penalty: float | torch.Tensor = 0.0
+    stop_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None
+    """Tokens that end a row (kept as its last response token): one list for all rows, or a list
+    per row. None: the model config's ``eos_token_id``."""
+    pad_token_id: int | None = None
+    """Fills sequences after a row ends. None: the model config's ``pad_token_id``, else 0."""
+    seed: int | None = None
+    """Sampling seed; None draws one from torch's default generator (``torch.manual_seed``)."""
+    drop_finished: bool = True
+    """Remove finished rows from the batch (their KV cache too) so they cost nothing more."""
+    synchronize_timings: bool = False
+    """On CUDA, synchronize around each phase so ``timings`` measure device time."""
+
+
+@dataclass
+class GenerationOutput:
+    """Shapes: B rows, P prompt positions (as given, left-padded), L = max new tokens of the call."""
+
+    sequences: torch.Tensor  # [B, P + L] int64: prompt + response, pad_token_id after a row ends
+    attention_mask: torch.Tensor  # [B, P + L] int64: 1 on prompt and response tokens
+    response_mask: torch.Tensor  # [B, L] int64: 1 on generated tokens (the stop token included)
+    logprobs: torch.Tensor  # [B, L] fp32: log softmax(logits / T) of each token (T = 1 when greedy); 0 on pads
+    sampling_logprobs: torch.Tensor  # [B, L] fp32: log-prob under the processed distribution actually sampled
+    response_lengths: torch.Tensor  # [B] int64
+    stopped: torch.Tensor  # [B] bool: ended by a stop token (else by max_new_tokens)
+    prompt_length: int
+    timings: dict = field(default_factory=dict)  # seconds: prefill, decode, sample; tokens generated
+
+    @property
+    def responses(self) -> torch.Tensor:
+        """``[B, L]`` generated tokens (pads after each row's end)."""
+        return self.sequences[:, self.prompt_length:]

@@ -1,0 +1,184 @@
+"""Scalar heads on the Llama trunk: per-token values (PPO's critic) and sequence rewards.
+
+* :class:`ValueHead` - ``Linear(C, 1)`` on hidden states ``[..., C]`` -> ``[...]`` (fp32).
+* :class:`ValueModel` - a separate critic: trunk + ``score`` head, values ``[B, T]``.
+* :class:`RewardModel` - trunk + ``score`` head read at the last valid token: scores ``[B]``.
+  Its weights are named as Hugging Face's ``LlamaForSequenceClassification`` (``model.*``,
+  ``score.weight``), so ``save_pretrained`` directories load there too (``num_labels = 1``).
+* :class:`PolicyWithValue` - a :class:`CausalLM` with either a value head on its own trunk
+  (shared) or a separate :class:`ValueModel`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fastrlhf.models.llama import CausalLM, CausalLMConfig, LlamaTrunk
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """attention_mask ``[B, T]`` -> index of each row's last valid token ``[B]`` (left or right
+    padding). A row without valid tokens gives 0."""
+    T = attention_mask.shape[1]
+    return (T - 1 - attention_mask.to(torch.bool).flip(1).to(torch.int8).argmax(1)).clamp(min=0)
+
+
+class ValueHead(nn.Module):
+    """hidden ``[..., C]`` -> value ``[...]`` in fp32."""
+
+    def __init__(self, hidden_size: int, *, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, 1, bias=bias, device=device, dtype=dtype)
+        nn.init.normal_(self.proj.weight, std=1.0 / (hidden_size + 1))
+        if bias:
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, hidden):
+        return self.proj(hidden).squeeze(-1).float()
+
+
+class ValueModel(nn.Module):
+    """A trunk with a scalar ``score`` head on every token: ``values [B, T]`` (fp32)."""
+
+    architecture = "ForTokenClassification"
+
+    def __init__(self, config: CausalLMConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaTrunk(config)
+        self.score = nn.Linear(config.hidden_size, 1, bias=False)
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=config.initializer_range)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+
+    @classmethod
+    def from_causal_lm(cls, lm: CausalLM) -> "ValueModel":
+        """Start from a language model's trunk (the usual critic / reward-model init); new head."""
+        out = cls(lm.config).to(device=lm.device, dtype=lm.dtype)
+        out.model.load_state_dict(lm.model.state_dict())
+        return out
+
+    @property
+    def device(self):
+        return self.score.weight.device
+
+    @property
+    def dtype(self):
+        return self.score.weight.dtype
+
+    def forward(self, input_ids, attention_mask=None, **kw) -> torch.Tensor:
+        hidden = self.model(input_ids, attention_mask, **kw)  # (B, T, C)
+        return self.score(hidden).squeeze(-1).float()  # (B, T)
+
+    def save_pretrained(self, path, *, dtype=None) -> None:
+        from fastrlhf.models.checkpoint import CONFIG, WEIGHTS, write_safetensors
+        from fastrlhf.models.hf import config_to_hf_dict
+        from fastrlhf.models.lora import merged_state_dict
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sd = merged_state_dict(self)
+        if dtype is not None:
+            sd = {k: v.to(dtype) for k, v in sd.items()}
+        write_safetensors(path / WEIGHTS, sd)
+        d = config_to_hf_dict(self.config, dtype or self.dtype)
+        prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[self.config.model_type]
+        d.update(architectures=[prefix + self.architecture], num_labels=1, tie_word_embeddings=False)
+        (path / CONFIG).write_text(json.dumps(d, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=None, device=None):
+        """Load a directory written by ``save_pretrained`` (or a Hugging Face
+        ``*ForSequenceClassification`` checkpoint with one label)."""
+        from fastrlhf.models.checkpoint import build_and_load, read_config, read_safetensors
+        from fastrlhf.models.hf import config_from_hf_dict
+
+        d = read_config(path)
+        if d.get("num_labels", len(d.get("id2label", {0: 0}))) != 1:
+            raise ValueError(f"{cls.__name__}.from_pretrained: expected a single-score head (num_labels = 1)")
+        config = config_from_hf_dict(d)
+        config.tie_word_embeddings = False  # no lm_head here
+        sd = read_safetensors(path)
+        if dtype is None:
+            dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
+        return build_and_load(cls, config, sd, dtype=dtype, device=device)
+
+
+class RewardModel(ValueModel):
+    """Sequence reward: the ``score`` head read at the last valid token of each row."""
+
+    architecture = "ForSequenceClassification"
+
+    def forward(self, input_ids, attention_mask=None, *, return_values: bool = False, **kw):
+        """``input_ids [B, T]``, ``attention_mask [B, T]`` (left or right padding) -> ``scores [B]``
+        fp32 (and the per-token values ``[B, T]`` with ``return_values=True``)."""
+        values = super().forward(input_ids, attention_mask, **kw)  # (B, T)
+        if attention_mask is None:
+            idx = torch.full((values.shape[0],), values.shape[1] - 1, device=values.device)
+        else:
+            idx = last_token_index(attention_mask)
+        scores = values.gather(1, idx[:, None]).squeeze(1)  # (B,)
+        return (scores, values) if return_values else scores
+
+
+class PolicyWithValue(nn.Module):
+    """A policy and its critic. ``value_model=None``: a :class:`ValueHead` on the policy's own
+    hidden states (one trunk, one forward); otherwise a separate :class:`ValueModel`."""
+
+    def __init__(self, policy: CausalLM, value_model: ValueModel | None = None):
+        super().__init__()
+        self.policy = policy
+        self.value_model = value_model
+        self.value_head = None
+        if value_model is None:
+            self.value_head = ValueHead(policy.config.hidden_size, device=policy.device, dtype=policy.dtype)
+
+    @property
+    def shared_trunk(self) -> bool:
+        return self.value_model is None
+
+    def forward(self, input_ids, attention_mask=None, *, return_hidden: bool = False, **kw):
+        """-> ``(logits [B, T, V] or hidden [B, T, C], values [B, T] fp32)``."""
+        hidden = self.policy(input_ids, attention_mask, return_hidden=True, **kw)  # (B, T, C)
+        if self.value_head is not None:
+            values = self.value_head(hidden)
+        else:
+            values = self.value_model(input_ids, attention_mask, **kw)
+        return (hidden if return_hidden else self.policy.logits(hidden)), values
+
+    def save_pretrained(self, path) -> None:
+        """``path/`` the policy; ``path/value_head.safetensors`` or ``path/value/`` the critic."""
+        from fastrlhf.models.checkpoint import write_safetensors
+
+        path = Path(path)
+        self.policy.save_pretrained(path)
+        if self.value_head is not None:
+            write_safetensors(path / "value_head.safetensors", self.value_head.state_dict())
+        else:
+            self.value_model.save_pretrained(path / "value")
+
+    @classmethod
+    def from_pretrained(cls, path, *, dtype=None, device=None) -> "PolicyWithValue":
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        policy = CausalLM.from_pretrained(path, dtype=dtype, device=device)
+        if (path / "value").is_dir():
+            return cls(policy, ValueModel.from_pretrained(path / "value", dtype=dtype, device=device))
+        out = cls(policy)
+        if not (path / "value_head.safetensors").exists():
+            raise FileNotFoundError(f"PolicyWithValue: neither {path / 'value'} nor {path / 'value_head.safetensors'}")
+        sd = load_file(str(path / "value_head.safetensors"))
+        out.value_head.load_state_dict({k: v.to(out.policy.dtype) for k, v in sd.items()})
+        return out
+
+    @classmethod
+    def with_separate_critic(cls, policy: CausalLM) -> "PolicyWithValue":
+        """A critic initialized from a copy of the policy's trunk (OpenRLHF / TRL's default)."""
+        return cls(policy, ValueModel.from_causal_lm(policy))

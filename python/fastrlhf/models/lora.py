@@ -1,0 +1,196 @@
+"""LoRA adapters for the linear layers: ``y = base(x) + (alpha / r) * B(A(dropout(x)))`` with the
+base frozen, ``A`` Kaiming-initialized and ``B`` zero (so a fresh adapter changes nothing).
+
+Adapters are saved alone in PEFT's format (``adapter_config.json`` + ``adapter_model.safetensors``
+with keys ``base_model.model.<module>.lora_A.weight``), so ``peft`` can load them and we can load
+``peft``'s. ``merged_state_dict`` folds them into plain weights (what ``save_pretrained`` writes).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus a trainable rank-``r`` update. ``weight`` / ``bias`` are the base's."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
+        super().__init__()
+        if r < 1:
+            raise ValueError(f"LoRA: rank r must be >= 1, got {r}")
+        self.base_layer = base
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, **kw)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        base.requires_grad_(False)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    @property
+    def in_features(self):
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self):
+        return self.base_layer.out_features
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A``, ``[out, in]``."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
+
+    def merge(self) -> nn.Linear:
+        """A plain ``nn.Linear`` with the update folded in."""
+        base = self.base_layer
+        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+                           device=base.weight.device, dtype=base.weight.dtype)
+        with torch.no_grad():
+            merged.weight.copy_(base.weight + self.delta_weight().to(base.weight.dtype))
+            if base.bias is not None:
+                merged.bias.copy_(base.bias)
+        return merged
+
+    def extra_repr(self):
+        return f"r={self.r}, alpha={self.alpha}"
+
+
+def _targets(model: nn.Module, target_modules):
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, nn.Linear) and not isinstance(module, LoRALinear) and leaf in target_modules:
+            yield name, module
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module):
+    parent_name, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, leaf, module)
+
+
+def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+               target_modules=DEFAULT_TARGETS, freeze_base: bool = True) -> nn.Module:
+    """Wrap every ``nn.Linear`` whose attribute name is in ``target_modules`` with a
+    :class:`LoRALinear` (in place) and, by default, freeze everything but the adapters.
+    Returns ``model``. Records the settings in ``model.lora_config``."""
+    found = list(_targets(model, set(target_modules)))
+    if not found:
+        raise ValueError(f"apply_lora: no nn.Linear named {sorted(target_modules)} in the model")
+    if freeze_base:
+        model.requires_grad_(False)
+    for name, linear in found:
+        _set_submodule(model, name, LoRALinear(linear, r, alpha, dropout))
+    model.lora_config = {"r": r, "lora_alpha": alpha, "lora_dropout": dropout,
+                         "target_modules": sorted(set(target_modules))}
+    return model
+
+
+def lora_modules(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every adapter into its base layer (in place) and remove the wrappers."""
+    for name, module in lora_modules(model):
+        _set_submodule(model, name, module.merge())
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every adapter folded into a plain ``<module>.weight``; the model
+    itself is not changed."""
+    sd = dict(model.state_dict())
+    for name, module in lora_modules(model):
+        for key in ("base_layer.weight", "base_layer.bias", "lora_A.weight", "lora_B.weight"):
+            sd.pop(f"{name}.{key}", None)
+        with torch.no_grad():
+            sd[f"{name}.weight"] = module.base_layer.weight + module.delta_weight().to(module.weight.dtype)
+        if module.base_layer.bias is not None:
+            sd[f"{name}.bias"] = module.base_layer.bias
+    return sd
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter weights, under PEFT's key names."""
+    out = {}
+    for name, module in lora_modules(model):
+        out[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach()
+        out[f"{_PEFT_PREFIX}{name}.lora_B.weight"] = module.lora_B.weight.detach()
+    if not out:
+        raise ValueError("lora_state_dict: the model has no LoRA adapters (call apply_lora first)")
+    return out
+
+
+def save_lora(model: nn.Module, path) -> None:
+    """Write the adapters alone (PEFT format) to directory ``path``."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in lora_state_dict(model).items()}
+    cfg = dict(getattr(model, "lora_config", {}))
+    if not cfg:
+        first = lora_modules(model)[0][1]
+        cfg = {"r": first.r, "lora_alpha": first.alpha, "lora_dropout": 0.0,
+               "target_modules": sorted({n.rsplit(".", 1)[-1] for n, _ in lora_modules(model)})}
+    cfg.update(peft_type="LORA", task_type="CAUSAL_LM", bias="none", fan_in_fan_out=False, inference_mode=False)
+    save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (path / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def load_lora(model: nn.Module, path, *, freeze_base: bool = True) -> nn.Module:
+    """Add the adapters saved in directory ``path`` (ours or PEFT's) to ``model`` (in place)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / ADAPTER_CONFIG).exists():
+        raise FileNotFoundError(f"load_lora: {path / ADAPTER_CONFIG} not found")
+    cfg = json.loads((path / ADAPTER_CONFIG).read_text())
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("bias", "none") != "none":
+        raise ValueError(f"load_lora: only plain LoRA adapters without bias are supported, got {cfg}")
+    targets = cfg["target_modules"]
+    targets = [targets] if isinstance(targets, str) else targets
+    if not lora_modules(model):
+        apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
+                   target_modules=targets, freeze_base=freeze_base)
+    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    modules = dict(lora_modules(model))
+    loaded = set()
+    for key, value in tensors.items():
+        name = key[len(_PEFT_PREFIX):] if key.startswith(_PEFT_PREFIX) else key
+        name = name.replace(".default.", ".")  # PEFT's adapter-name infix in some versions
+        mod_name, _, part = name.rpartition(".lora_")
+        if mod_name not in modules:
+            raise ValueError(f"load_lora: adapter weight {key!r} has no LoRA module {mod_name!r} in the model")
+        target = getattr(modules[mod_name], "lora_" + part.split(".")[0]).weight
+        if target.shape != value.shape:
+            raise ValueError(f"load_lora: {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(value)
+        loaded.add((mod_name, part))
+    missing = [n for n in modules if (n, "A.weight") not in loaded or (n, "B.weight") not in loaded]
+    if missing:
+        raise ValueError(f"load_lora: no saved weights for {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    return model
