@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH_VERSION ?= 2.14.1
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.fastrlhf-deps-$(TORCH_VERSION)
+STAMP := $(VENV)/.fastrlhf-deps-$(TORCH_VERSION)-2
 BENCH_ARGS ?=  # e.g. BENCH_ARGS="--device cuda" on a GPU machine
 
 .PHONY: all venv build test test-cuda demo bench clean
@@ -17,7 +17,8 @@ all: test
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "cmake>=3.26" numpy "pytest>=8" "hypothesis>=6"
+	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "cmake>=3.26" numpy "pytest>=8" "hypothesis>=6" \
+		"safetensors>=0.4" "tokenizers>=0.19" "jinja2>=3.1" "transformers>=4.45"
 	touch $@
 
 venv: $(STAMP)

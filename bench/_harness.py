@@ -143,6 +143,10 @@ def machine_info(device: str) -> dict:
 
 
 def _extra_cell(extra: dict) -> str:
+    if "tokens_per_s" in extra:
+        split = ", ".join(f"{k[:-3]} {extra[k]:.0f}" for k in ("prefill_ms", "decode_ms", "sample_ms") if k in extra)
+        return (f"{extra['tokens_per_s']:.0f} tok/s, {extra['gflops']:.0f} GFLOP/s = {100 * extra['frac_matmul']:.0f}% "
+                f"matmul" + (f"; ms: {split}" if split else ""))
     if "mem_x" in extra:
         return f"peak {extra['mem_x']:.2f}x logits"
     if "passes_over_logits" in extra:

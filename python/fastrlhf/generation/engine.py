@@ -141,7 +141,7 @@ def _nontrivial(v, default):
     return v != default
 
 
-def sample_step(plan: _Plan, logits: torch.Tensor, rows: torch.Tensor, step: int, history: torch.Tensor | None):
+def _sample(plan: _Plan, logits: torch.Tensor, rows: torch.Tensor, step: int, history: torch.Tensor | None):
     """One token per row from ``logits [b, V]`` for the batch rows ``rows [b]`` (original ids).
     -> (tokens [b], logprobs [b] under softmax(logits / T), sampling logprobs [b])."""
     kw = {name: plan.select(name, rows) for name in _SAMPLING}
@@ -157,23 +157,61 @@ def sample_step(plan: _Plan, logits: torch.Tensor, rows: torch.Tensor, step: int
     return out.tokens, lp, out.logprobs
 
 
-def assemble(plan: _Plan, input_ids, tokens, logprobs, sampling_logprobs, response_lengths, stopped) -> GenerationOutput:
-    """Stack prompt and responses; pad after each row's end."""
-    L = tokens.shape[1]
-    resp_mask = (torch.arange(L, device=tokens.device) < response_lengths[:, None]).long()
-    tokens = torch.where(resp_mask.bool(), tokens, torch.full_like(tokens, plan.pad))
-    zero = torch.zeros((), dtype=torch.float32, device=tokens.device)
-    return GenerationOutput(
-        sequences=torch.cat([input_ids, tokens], dim=1),
-        attention_mask=torch.cat([plan.mask, resp_mask], dim=1),
-        response_mask=resp_mask,
-        logprobs=torch.where(resp_mask.bool(), logprobs, zero),
-        sampling_logprobs=torch.where(resp_mask.bool(), sampling_logprobs, zero),
-        response_lengths=response_lengths,
-        stopped=stopped,
-        prompt_length=plan.P,
-        timings={**plan.timings, "tokens": int(response_lengths.sum())},
-    )
+class Decoder:
+    """The bookkeeping of one generate call, shared by the native and the adapter paths: sample a
+    token for every batch row, record it for rows still live, end rows on stop tokens / limits."""
+
+    def __init__(self, plan: _Plan, input_ids: torch.Tensor):
+        B, P, L, dev = plan.B, plan.P, plan.L, input_ids.device
+        self.plan = plan
+        self.tokens = torch.full((B, L), plan.pad, dtype=torch.long, device=dev)
+        self.logprobs = torch.zeros((B, L), dtype=torch.float32, device=dev)
+        self.sampling_logprobs = torch.zeros((B, L), dtype=torch.float32, device=dev)
+        self.response_lengths = plan.max_new.to(dev).clone()
+        self.stopped = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.max_new, self.stop = plan.max_new.to(dev), plan.stop.to(dev)
+        self.history = None
+        if plan.penalties:  # prompt + generated tokens, -1 = empty (the penalties' token history)
+            self.history = torch.full((B, P + L), -1, dtype=torch.long, device=dev)
+            self.history[:, :P] = torch.where(plan.mask.to(dev).bool(), input_ids, -1)
+
+    def step(self, t: int, logits: torch.Tensor, rows: torch.Tensor):
+        """Sample step ``t`` for batch rows ``rows`` (original ids) from ``logits [b, V]``.
+        -> (tokens [b], keep [b] bool: rows that go on)."""
+        P = self.plan.P
+        with self.plan.timed("sample"):
+            tok, lp, slp = _sample(self.plan, logits, rows, t, None if self.history is None else self.history[rows])
+            live = ~self.done[rows]  # finished rows may still sit in the batch: leave their record alone
+            r = rows[live]
+            self.tokens[r, t], self.logprobs[r, t], self.sampling_logprobs[r, t] = tok[live], lp[live], slp[live]
+            if self.history is not None:
+                self.history[r, P + t] = tok[live]
+            hit = live & (tok[:, None] == self.stop[rows]).any(1) if self.stop.shape[1] else torch.zeros_like(live)
+            ends = live & (hit | (t + 1 >= self.max_new[rows]))
+            self.stopped[rows] |= hit
+            self.response_lengths[rows] = torch.where(ends, torch.full_like(tok, t + 1), self.response_lengths[rows])
+            self.done[rows] |= ends
+        return tok, ~self.done[rows]
+
+    def output(self, input_ids) -> GenerationOutput:
+        """Stack prompt and responses; pad after each row's end."""
+        plan, L = self.plan, self.tokens.shape[1]
+        resp_mask = (torch.arange(L, device=self.tokens.device) < self.response_lengths[:, None]).long()
+        valid = resp_mask.bool()
+        tokens = torch.where(valid, self.tokens, torch.full_like(self.tokens, plan.pad))
+        zero = torch.zeros((), dtype=torch.float32, device=tokens.device)
+        return GenerationOutput(
+            sequences=torch.cat([input_ids, tokens], dim=1),
+            attention_mask=torch.cat([plan.mask.to(tokens.device), resp_mask], dim=1),
+            response_mask=resp_mask,
+            logprobs=torch.where(valid, self.logprobs, zero),
+            sampling_logprobs=torch.where(valid, self.sampling_logprobs, zero),
+            response_lengths=self.response_lengths,
+            stopped=self.stopped,
+            prompt_length=plan.P,
+            timings={**plan.timings, "tokens": int(self.response_lengths.sum())},
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,52 +220,27 @@ def assemble(plan: _Plan, input_ids, tokens, logprobs, sampling_logprobs, respon
 
 @torch.inference_mode()
 def _generate_native(model, input_ids, attention_mask, config: GenerationConfig) -> GenerationOutput:
+    input_ids = input_ids.to(model.device)
     plan = _Plan(input_ids, attention_mask, config, model.config)
     B, P, L, dev = plan.B, plan.P, plan.L, input_ids.device
-    input_ids = input_ids.to(model.device)
-    dev = input_ids.device
+    if P + L > model.config.max_position_embeddings:
+        raise ValueError(f"generate: prompt ({P}) + max_new_tokens ({L}) exceed max_position_embeddings "
+                         f"({model.config.max_position_embeddings})")
     lengths = plan.lengths.to(dev)
-
     # right-padded copy of the prompts: row b's tokens at [0, len_b)
     src = (P - lengths)[:, None] + torch.arange(P, device=dev)  # (B, P)
     prompt = input_ids.gather(1, src.clamp(max=P - 1))
     prompt_mask = (torch.arange(P, device=dev) < lengths[:, None]).long()
-    if P + L > model.config.max_position_embeddings:
-        raise ValueError(f"generate: prompt ({P}) + max_new_tokens ({L}) exceed max_position_embeddings "
-                         f"({model.config.max_position_embeddings})")
     cache = model.new_cache(B, P + L)
-
-    history = None
-    if plan.penalties:  # prompt + generated tokens, -1 = empty
-        history = torch.full((B, P + L), -1, dtype=torch.long, device=dev)
-        history[:, :P] = torch.where(prompt_mask.bool(), prompt, -1)
+    dec = Decoder(plan, input_ids)
 
     with plan.timed("prefill"):
         hidden = model.model(prompt, prompt_mask, cache=cache)  # (B, P, C)
         logits = model.logits(hidden[torch.arange(B, device=dev), lengths - 1])  # (B, V)
-
-    tokens = torch.full((B, L), plan.pad, dtype=torch.long, device=dev)
-    logprobs = torch.zeros((B, L), dtype=torch.float32, device=dev)
-    sampling_logprobs = torch.zeros((B, L), dtype=torch.float32, device=dev)
-    response_lengths = plan.max_new.to(dev).clone()
-    stopped = torch.zeros(B, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)  # original id of each batch row
-    max_new, stop = plan.max_new.to(dev), plan.stop.to(dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-
     for t in range(L):
-        with plan.timed("sample"):
-            tok, lp, slp = sample_step(plan, logits, rows, t, None if history is None else history[rows])
-            tokens[rows, t], logprobs[rows, t], sampling_logprobs[rows, t] = tok, lp, slp
-            if history is not None:
-                history[rows, P + t] = tok
-            hit = (tok[:, None] == stop[rows]).any(1) if stop.shape[1] else torch.zeros_like(done[rows])
-            ends = hit | (t + 1 >= max_new[rows])
-            stopped[rows] |= hit
-            response_lengths[rows] = torch.where(ends, torch.full_like(tok, t + 1), response_lengths[rows])
-            done[rows] |= ends
-            keep = ~done[rows]
-            n_keep = int(keep.sum())
+        tok, keep = dec.step(t, logits, rows)
+        n_keep = int(keep.sum())
         if n_keep == 0:
             break
         if config.drop_finished and n_keep < rows.numel():
@@ -236,4 +249,4 @@ def _generate_native(model, input_ids, attention_mask, config: GenerationConfig)
             rows, tok = rows[idx], tok[idx]
         with plan.timed("decode"):
             logits = model(tok[:, None], cache=cache)[:, 0]  # (b, V)
-    return assemble(plan, input_ids, tokens, logprobs, sampling_logprobs, response_lengths, stopped)
+    return dec.output(input_ids)

@@ -15,7 +15,7 @@ import inspect
 import torch
 
 from fastrlhf.generation.config import GenerationConfig, GenerationOutput
-from fastrlhf.generation.engine import _Plan, assemble, sample_step
+from fastrlhf.generation.engine import Decoder, _Plan
 
 
 @torch.inference_mode()
@@ -26,44 +26,21 @@ def generate_hf(model, input_ids, attention_mask, config: GenerationConfig) -> G
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     input_ids = input_ids.to(dev)
     plan = _Plan(input_ids, attention_mask, config, model.config)
-    B, P, L = plan.B, plan.P, plan.L
+    B, L = plan.B, plan.L
     mask = plan.mask.to(dev)
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: prompts start at position 0
 
-    history = None
-    if plan.penalties:
-        history = torch.full((B, P + L), -1, dtype=torch.long, device=dev)
-        history[:, :P] = torch.where(mask.bool(), input_ids, -1)
-
+    dec = Decoder(plan, input_ids)
     with plan.timed("prefill"):
         out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
         past, logits = getattr(out, cache_kw), out.logits[:, -1].float()  # (B, V)
-
-    tokens = torch.full((B, L), plan.pad, dtype=torch.long, device=dev)
-    logprobs = torch.zeros((B, L), dtype=torch.float32, device=dev)
-    sampling_logprobs = torch.zeros((B, L), dtype=torch.float32, device=dev)
-    response_lengths = plan.max_new.to(dev).clone()
-    stopped = torch.zeros(B, dtype=torch.bool, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
     rows = torch.arange(B, device=dev)
-    max_new, stop = plan.max_new.to(dev), plan.stop.to(dev)
     next_pos = positions[:, -1] + 1  # (B,)
     can_drop = config.drop_finished and hasattr(past, "batch_select_indices")
 
     for t in range(L):
-        with plan.timed("sample"):
-            tok, lp, slp = sample_step(plan, logits, rows, t, None if history is None else history[rows])
-            live = ~done[rows]  # rows kept in the batch after finishing must not be overwritten
-            tokens[rows[live], t], logprobs[rows[live], t], sampling_logprobs[rows[live], t] = tok[live], lp[live], slp[live]
-            if history is not None:
-                history[rows[live], P + t] = tok[live]
-            hit = ((tok[:, None] == stop[rows]).any(1) if stop.shape[1] else torch.zeros_like(live)) & live
-            ends = (hit | (t + 1 >= max_new[rows])) & live
-            stopped[rows] |= hit
-            response_lengths[rows] = torch.where(ends, torch.full_like(tok, t + 1), response_lengths[rows])
-            done[rows] |= ends
-            keep = ~done[rows]
-            n_keep = int(keep.sum())
+        tok, keep = dec.step(t, logits, rows)
+        n_keep = int(keep.sum())
         if n_keep == 0:
             break
         if can_drop and n_keep < rows.numel():
@@ -76,4 +53,4 @@ def generate_hf(model, input_ids, attention_mask, config: GenerationConfig) -> G
                         use_cache=True, **{cache_kw: past})
             past, logits = getattr(out, cache_kw), out.logits[:, -1].float()
             next_pos = next_pos + 1
-    return assemble(plan, input_ids, tokens, logprobs, sampling_logprobs, response_lengths, stopped)
+    return dec.output(input_ids)

@@ -23,8 +23,9 @@ from fastrlhf.models.llama import CausalLM, CausalLMConfig, LlamaTrunk
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """attention_mask ``[B, T]`` -> index of each row's last valid token ``[B]`` (left or right
     padding). A row without valid tokens gives 0."""
-    T = attention_mask.shape[1]
-    return (T - 1 - attention_mask.to(torch.bool).flip(1).to(torch.int8).argmax(1)).clamp(min=0)
+    m = attention_mask.to(torch.bool)
+    idx = m.shape[1] - 1 - m.flip(1).to(torch.int8).argmax(1)
+    return torch.where(m.any(1), idx, torch.zeros_like(idx))
 
 
 class ValueHead(nn.Module):

@@ -1,0 +1,172 @@
+"""CausalLM: the padded, packed and cached forwards agree with each other; gradients; bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from model_utils import left_padded, tiny_config, tiny_model
+from fastrlhf import ops
+from fastrlhf.models import CausalLM, CausalLMConfig
+
+
+def test_forward_shapes_and_hidden(model):
+    ids = torch.randint(0, 97, (3, 11))
+    with torch.no_grad():
+        logits = model(ids)
+        hidden = model(ids, return_hidden=True)
+    assert logits.shape == (3, 11, 97) and hidden.shape == (3, 11, 64)
+    torch.testing.assert_close(model.logits(hidden), logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_padded_rows_match_unpadded(model, padding):
+    lengths = [9, 4, 1, 6]
+    ids, mask = left_padded(4, 9, 97, lengths)
+    if padding == "right":
+        ids, mask = ids.flip(1), mask.flip(1)  # reversed order is fine: the valid block is what matters
+    with torch.no_grad():
+        batch = model(ids, mask)
+        for b, n in enumerate(lengths):
+            valid = mask[b].bool()
+            alone = model(ids[b, valid][None])[0]
+            torch.testing.assert_close(batch[b, valid], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_matches_unpadded(model):
+    lengths = [5, 0, 8, 3]
+    seqs = [torch.randint(0, 97, (n,)) for n in lengths]
+    cu = torch.tensor([0] + lengths).cumsum(0)
+    with torch.no_grad():
+        packed = model(torch.cat(seqs), cu_seqlens=cu)
+        assert packed.shape == (16, 97)
+        for b, s in enumerate(seqs):
+            if len(s):
+                torch.testing.assert_close(packed[cu[b]:cu[b + 1]], model(s[None])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cache_prefill_then_decode_matches_full_forward(model):
+    lengths = torch.tensor([7, 3, 5])
+    T = 12
+    full = torch.randint(1, 97, (3, T))
+    with torch.no_grad():
+        cache = model.new_cache(3, T + 1)
+        P = int(lengths.max())
+        prompt = full[:, :P].clone()
+        pmask = (torch.arange(P) < lengths[:, None]).long()  # right-padded prompts
+        hidden = model.model(prompt, pmask, cache=cache)
+        assert torch.equal(cache.lengths, lengths)
+        got = [model.logits(hidden[torch.arange(3), lengths - 1])]
+        # then each row continues with its own next tokens, one at a time
+        for step in range(4):
+            tok = full[torch.arange(3), lengths + step]
+            got.append(model(tok[:, None], cache=cache)[:, 0])
+        assert torch.equal(cache.lengths, lengths + 4)
+        for b in range(3):
+            n = int(lengths[b])
+            ref = model(full[b, : n + 4][None])[0, n - 1:]  # logits at the last prompt token and the 4 new ones
+            torch.testing.assert_close(torch.stack([g[b] for g in got]), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_multi_token_append(model):
+    ids = torch.randint(0, 97, (2, 10))
+    with torch.no_grad():
+        cache = model.new_cache(2, 10)
+        model(ids[:, :6], torch.ones(2, 6, dtype=torch.long), cache=cache)
+        out = model(ids[:, 6:], cache=cache)  # 4 new tokens per row, causal among themselves
+        torch.testing.assert_close(out, model(ids)[:, 6:], rtol=1e-5, atol=1e-5)
+
+
+def test_token_logprobs_methods_agree(model):
+    ids, mask = left_padded(3, 10, 97, [10, 6, 8])
+    with torch.no_grad():
+        via_hidden = model.token_logprobs(ids, mask, temperature=0.7)
+        via_logits = ops.token_logprobs(model(ids, mask)[:, :-1], ids[:, 1:], temperature=0.7)
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    torch.testing.assert_close(via_hidden[valid], via_logits[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_flow_and_checkpointing_matches():
+    ids, mask = left_padded(2, 8, 97, [8, 5])
+    grads = []
+    for ckpt in (False, True):
+        m = tiny_model(seed=1).train()
+        m.gradient_checkpointing = ckpt
+        lp = m.token_logprobs(ids, mask)
+        (-(lp * mask[:, 1:]).sum()).backward()
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters()})
+        assert all(g is not None and torch.isfinite(g).all() for g in grads[-1].values())
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6, msg=name)
+    assert grads[0]["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
+
+
+def test_tied_embeddings_share_storage():
+    m = tiny_model(tie_word_embeddings=True)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    assert m.num_parameters() == m.config.num_parameters_estimate
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_other_dtypes(dtype):
+    m = tiny_model().to(dtype)
+    ids = torch.randint(0, 97, (2, 5))
+    with torch.no_grad():
+        out = m(ids)
+        ref = tiny_model()(ids)
+    assert out.dtype == dtype
+    tol = 0.1 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+def test_llama3_rope_scaling_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from fastrlhf.models.llama import rope_inv_freq
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    cfg = tiny_config(rope_theta=500000.0, rope_scaling=scaling, max_position_embeddings=512)
+    hf_cfg = transformers.LlamaConfig(hidden_size=64, num_attention_heads=4, max_position_embeddings=512,
+                                      rope_parameters={**scaling, "rope_theta": 500000.0})
+    hf_inv, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_cfg, "cpu")
+    torch.testing.assert_close(rope_inv_freq(cfg), hf_inv.float(), rtol=1e-6, atol=0)
+
+
+def test_bad_input_raises(model):
+    ids = torch.randint(0, 97, (2, 6))
+    holes = torch.tensor([[1, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="contiguous block"):
+        model(ids, holes)
+    with pytest.raises(ValueError, match=r"attention_mask must be \[B, T\]"):
+        model(ids, torch.ones(2, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        model(ids[None])
+    cache = model.new_cache(2, 6)
+    with torch.no_grad():
+        model(ids, cache=cache)
+        with pytest.raises(ValueError, match="cache is full"):
+            model(ids[:, :1], cache=cache)
+    with pytest.raises(ValueError, match="empty cache"):
+        model(ids, torch.ones_like(ids), cache=cache)
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        model.new_cache(1, 1000)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(num_attention_heads=4, num_key_value_heads=3), "multiple of num_key_value_heads"),
+    (dict(hidden_size=65), "not a multiple"),
+    (dict(model_type="gpt2"), "model_type"),
+    (dict(rope_scaling={"rope_type": "yarn"}), "not supported"),
+    (dict(num_hidden_layers=0), "num_hidden_layers"),
+])
+def test_bad_config_raises(bad, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_config(**bad)
+
+
+def test_config_dict_round_trip():
+    cfg = tiny_config(tie_word_embeddings=True, eos_token_id=[3, 4])
+    assert CausalLMConfig.from_dict(cfg.to_dict()) == cfg
+    assert isinstance(CausalLM(cfg), CausalLM)

@@ -1,0 +1,93 @@
+"""LoRA adapters: only adapters train, a fresh adapter is a no-op, merging is exact, adapters
+save and load alone (PEFT's layout), and save_pretrained writes merged weights."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model_utils import left_padded, tiny_model
+from fastrlhf.models import CausalLM, LoRALinear, apply_lora, load_lora, merge_lora, save_lora
+
+
+def train_a_bit(model, ids, mask, steps=3):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(steps):
+        loss = -(model.token_logprobs(ids, mask) * mask[:, 1:]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.fixture
+def batch():
+    return left_padded(2, 8, 97, [8, 5])
+
+
+def test_only_adapters_train_and_fresh_adapter_is_identity(batch):
+    ids, mask = batch
+    base = tiny_model()
+    with torch.no_grad():
+        before = base(ids, mask)
+    m = apply_lora(tiny_model(), r=4, alpha=8)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert sum(isinstance(x, LoRALinear) for x in m.modules()) == 2 * 7  # 7 projections per layer
+    with torch.no_grad():
+        torch.testing.assert_close(m(ids, mask), before, rtol=0, atol=0)
+    frozen = {n: p.clone() for n, p in m.named_parameters() if not p.requires_grad}
+    train_a_bit(m, ids, mask)
+    for n, p in m.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    with torch.no_grad():
+        assert not torch.allclose(m(ids, mask), before)
+
+
+def test_merge_is_exact_and_save_pretrained_writes_merged(tmp_path, batch):
+    ids, mask = batch
+    m = apply_lora(tiny_model(), r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
+    train_a_bit(m, ids, mask)
+    with torch.no_grad():
+        want = m(ids, mask)
+    m.save_pretrained(tmp_path / "merged")
+    loaded = CausalLM.from_pretrained(tmp_path / "merged")
+    assert not any(isinstance(x, LoRALinear) for x in loaded.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, mask), want, rtol=1e-5, atol=1e-5)
+        assert any(isinstance(x, LoRALinear) for x in m.modules())  # save left the model as it was
+        merge_lora(m)
+        assert not any(isinstance(x, LoRALinear) for x in m.modules())
+        torch.testing.assert_close(m(ids, mask), want, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_save_and_load_alone_in_peft_layout(tmp_path, batch):
+    ids, mask = batch
+    m = apply_lora(tiny_model(), r=2, alpha=4, target_modules=("q_proj", "o_proj"))
+    train_a_bit(m, ids, mask)
+    save_lora(m, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 2 and cfg["lora_alpha"] == 4
+    assert sorted(cfg["target_modules"]) == ["o_proj", "q_proj"]
+    from safetensors.torch import load_file
+    keys = sorted(load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert keys[0] == "base_model.model.model.layers.0.self_attn.o_proj.lora_A.weight" and len(keys) == 8
+    fresh = load_lora(tiny_model(), tmp_path)  # the same base weights (seed 0) + the saved adapters
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids, mask), m(ids, mask), rtol=0, atol=0)
+
+
+def test_lora_errors(tmp_path):
+    with pytest.raises(ValueError, match="no nn.Linear named"):
+        apply_lora(tiny_model(), target_modules=("nope",))
+    with pytest.raises(ValueError, match="rank r must be >= 1"):
+        apply_lora(tiny_model(), r=0)
+    with pytest.raises(FileNotFoundError):
+        load_lora(tiny_model(), tmp_path)
+    m = apply_lora(tiny_model(), r=2, target_modules=("q_proj",))
+    save_lora(m, tmp_path)
+    other = apply_lora(tiny_model(), r=3, target_modules=("q_proj",))
+    with pytest.raises(ValueError, match="shape"):
+        load_lora(other, tmp_path)
