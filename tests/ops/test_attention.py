@@ -6,8 +6,12 @@ fp64 oracle; decode_attention token by token and in chunks against attention ove
 sequence; drop-in equality with F.scaled_dot_product_attention; opcheck and torch.compile;
 determinism; bad input.
 
-There is no CUDA attention kernel: on CUDA the API runs the reference and impl="kernel" raises.
-CUDA variants below exercise that fallback (they skip without a GPU)."""
+CUDA (skipped without a GPU and a CUDA build): the CUDA-core path (fp64, every layout) against
+the reference at fp64 tolerance; the tensor-core path (bf16 / fp16, D = 64 / 128, T not a
+multiple of the 64-row tiles, causal and not, GQA, key ranges, varlen with empty sequences)
+against the fp64 reference with tolerances for the P / dS rounding; split-KV decode on long caches
+(several splits) and token by token against full attention; NaN padding never read; bitwise
+determinism; gradcheck and opcheck."""
 
 from __future__ import annotations
 
@@ -24,12 +28,14 @@ from conftest import DEVICES, LOW_PRECISION, TOLERANCES, assert_close
 F64 = torch.float64
 CUDA_MARKS = DEVICES[1].marks  # skip without a GPU / CUDA build
 
+CUDA_ONLY = [p for p in DEVICES if p != "cpu"]
+
 # (device, impl) for tests about the path a call takes: the CPU kernel, the reference on the CPU,
-# and the CUDA API (which runs the reference).
+# and the CUDA kernel (fp64 inputs: the CUDA-core path).
 PATHS = [
     pytest.param("cpu", "kernel", id="cpu-kernel"),
     pytest.param("cpu", "reference", id="cpu-reference"),
-    pytest.param("cuda", "auto", id="cuda-auto", marks=CUDA_MARKS),
+    pytest.param("cuda", "kernel", id="cuda-kernel", marks=CUDA_MARKS),
 ]
 
 
@@ -127,19 +133,27 @@ def test_kernel_impl_raises_where_there_is_no_kernel():
         attention(q.to("meta"), k.to("meta"), v.to("meta"), impl="kernel")
 
 
-@pytest.mark.parametrize("device", [p for p in DEVICES if p != "cpu"])
-def test_cuda_falls_back_to_reference(device):
-    """No CUDA kernel yet: impl="kernel" raises, impl="auto" equals the reference (and the CPU
-    kernel) with gradients."""
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_runs_the_kernel(device, monkeypatch):
+    """On CUDA, impl="auto" and impl="kernel" go through torch.ops.fastrlhf for every dtype (never
+    the reference), and agree with the CPU kernel in fp64 (values and gradients)."""
+    calls = []
+    monkeypatch.setattr(reference, "attention", lambda *a, **kw: calls.append("attention"))
+    monkeypatch.setattr(reference, "decode_attention", lambda *a, **kw: calls.append("decode"))
+    for dtype in (F64, torch.float32, torch.bfloat16, torch.float16):
+        q, k, v, _ = make_qkv(2, 4, 2, 9, 12, 64, dtype=dtype, device=device)
+        lens = torch.tensor([9, 12], device=device)
+        for impl in ("auto", "kernel"):
+            out = attention(q.requires_grad_(), k, v, key_lengths=lens, impl=impl)
+            assert "fastrlhf_attention" in type(out.grad_fn).__name__
+            q = q.detach()
+            decode_attention(q, k, v, lens, impl=impl)
+    assert calls == []
+    monkeypatch.undo()
     q, k, v, g = make_qkv(2, 4, 2, 9, 12, 8, device=device)
-    with pytest.raises(RuntimeError, match="kernel"):
-        attention(q, k, v, impl="kernel")
-    with pytest.raises(RuntimeError, match="kernel"):
-        decode_attention(q, k, v, torch.tensor([9, 12], device=device), impl="kernel")
-    kw = dict(causal=True, key_lengths=torch.tensor([12, 5], device=device))
-    got = fwd_bwd(q, k, v, g, **kw)
-    cpu = fwd_bwd(q.cpu(), k.cpu(), v.cpu(), g.cpu(), causal=True, key_lengths=torch.tensor([12, 5]),
-                  impl="kernel")
+    kw = dict(causal=True, key_lengths=torch.tensor([12, 5]))
+    got = fwd_bwd(q, k, v, g, impl="kernel", key_lengths=kw["key_lengths"].to(device), causal=True)
+    cpu = fwd_bwd(q.cpu(), k.cpu(), v.cpu(), g.cpu(), impl="kernel", **kw)
     for name, a, e in zip(("out", "dq", "dk", "dv"), got, cpu):
         assert a.device.type == "cuda"
         assert_close(a, e, what=name)
@@ -354,8 +368,7 @@ def test_varlen_only_empty_sequences():
 
 @pytest.mark.parametrize("impl", ["kernel", "reference"])
 def test_empty_batch_padded(impl):
-    """B = 0 gives an empty output and empty gradients (impl="reference" is also the path every
-    CUDA call takes)."""
+    """B = 0 gives an empty output and empty gradients."""
     q, k, v, g = make_qkv(0, 4, 2, 3, 5, 8)
     out, dq, dk, dv = fwd_bwd(q, k, v, g, impl=impl)
     assert out.shape == (0, 4, 3, 8) and dq.shape == (0, 4, 3, 8) and dk.shape == (0, 2, 5, 8)
@@ -440,13 +453,13 @@ def test_low_precision_vs_fp64_reference(dtype, layout):
 
 def _decode_sequence(q, k, v, starts, chunks, Tmax, *, garbage=float("nan"), impl="auto"):
     """Run decode_attention over rows that start at positions ``starts`` (their prefixes already
-    in the cache) and advance by the sizes in ``chunks``; the caches start filled with garbage
-    and get each new token written just before it is decoded. Returns per-row outputs for the
-    positions decoded, as a list over rows of [H, n, D]."""
+    in the cache) and advance by the sizes in ``chunks``; the caches (on q's device) start filled
+    with garbage and get each new token written just before it is decoded. Returns per-row
+    outputs for the positions decoded, as a list over rows of [H, n, D]."""
     B, H, T, D = q.shape
     Hkv = k.shape[1]
-    k_cache = torch.full((B, Hkv, Tmax, D), garbage, dtype=q.dtype)
-    v_cache = torch.full((B, Hkv, Tmax, D), garbage, dtype=q.dtype)
+    k_cache = torch.full((B, Hkv, Tmax, D), garbage, dtype=q.dtype, device=q.device)
+    v_cache = torch.full((B, Hkv, Tmax, D), garbage, dtype=q.dtype, device=q.device)
     for b, s in enumerate(starts):
         k_cache[b, :, :s], v_cache[b, :, :s] = k[b, :, :s], v[b, :, :s]
     pos = list(starts)
@@ -455,7 +468,7 @@ def _decode_sequence(q, k, v, starts, chunks, Tmax, *, garbage=float("nan"), imp
         qs = torch.stack([q[b, :, p:p + n] for b, p in enumerate(pos)])
         for b, p in enumerate(pos):
             k_cache[b, :, p:p + n], v_cache[b, :, p:p + n] = k[b, :, p:p + n], v[b, :, p:p + n]
-        lens = torch.tensor([p + n for p in pos])
+        lens = torch.tensor([p + n for p in pos], device=q.device)
         o = decode_attention(qs, k_cache, v_cache, lens, impl=impl)
         assert o.shape == qs.shape and o.dtype == q.dtype
         for b in range(B):
@@ -464,14 +477,15 @@ def _decode_sequence(q, k, v, starts, chunks, Tmax, *, garbage=float("nan"), imp
     return [torch.cat(o, 1) for o in outs]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("Hkv", [4, 1])
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_decode_token_by_token_matches_full_attention(Hkv, chunk):
+def test_decode_token_by_token_matches_full_attention(Hkv, chunk, device):
     """Decoding a 70-token sequence token by token (or a 4-token prefill then chunks of 3)
     through decode_attention equals causal attention over the whole sequence within 1e-5 (fp32).
     The caches beyond cache_seqlens hold NaN the whole time."""
     B, H, T, D = 2, 4, 70, 16
-    q, k, v, _ = make_qkv(B, H, Hkv, T, T, D, dtype=torch.float32, seed=61 + chunk)
+    q, k, v, _ = make_qkv(B, H, Hkv, T, T, D, dtype=torch.float32, seed=61 + chunk, device=device)
     full = attention(q, k, v, causal=True)
     chunks = [1] * T if chunk == 1 else [4] + [3] * 22
     dec = _decode_sequence(q, k, v, [0] * B, chunks, Tmax=T + 6)
@@ -479,11 +493,12 @@ def test_decode_token_by_token_matches_full_attention(Hkv, chunk):
         assert_close(dec[b], full[b], rtol=0.0, atol=1e-5, what=f"row {b}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("chunk", [1, 3])
-def test_decode_rows_at_different_positions(chunk):
+def test_decode_rows_at_different_positions(chunk, device):
     """Rows with different cache lengths (different prompt lengths) decoded together, GQA."""
     B, H, Hkv, T, D = 3, 8, 2, 100, 16
-    q, k, v, _ = make_qkv(B, H, Hkv, T, T, D, dtype=torch.float32, seed=71)
+    q, k, v, _ = make_qkv(B, H, Hkv, T, T, D, dtype=torch.float32, seed=71, device=device)
     full = attention(q, k, v, causal=True)
     starts = [0, 17, 61]
     steps = 36 // chunk
@@ -492,17 +507,18 @@ def test_decode_rows_at_different_positions(chunk):
         assert_close(dec[b], full[b, :, s:s + chunk * steps], rtol=0.0, atol=1e-5, what=f"row {b}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("Tq", [1, 3, 33])
 @pytest.mark.parametrize("Hkv,D", [(4, 16), (2, 16), (1, 16), (2, 1), (1, 256)])
-def test_decode_kernel_matches_reference(Tq, Hkv, D):
+def test_decode_kernel_matches_reference(Tq, Hkv, D, device):
     """fp64, per-row cache lengths from Tq (only the new tokens) to Tmax (several 64-key tiles);
     GQA groups of 1, 2 and 4 query heads; the cache beyond each row's length holds large finite
-    garbage."""
+    garbage. (On CUDA, Tq = 33 > 16 takes the forward kernel instead of split-KV decode.)"""
     B, H, Tmax = 3, 4, 100
-    q = randn(B, H, Tq, D, seed=81)
-    k, v = randn(B, Hkv, Tmax, D, seed=82), randn(B, Hkv, Tmax, D, seed=83)
-    lens = torch.tensor([Tq, Tq + 40, Tmax])
-    beyond = (torch.arange(Tmax)[None, :] >= lens[:, None])[:, None, :, None]
+    q = randn(B, H, Tq, D, seed=81, device=device)
+    k, v = randn(B, Hkv, Tmax, D, seed=82, device=device), randn(B, Hkv, Tmax, D, seed=83, device=device)
+    lens = torch.tensor([Tq, Tq + 40, Tmax], device=device)
+    beyond = (torch.arange(Tmax, device=device)[None, :] >= lens[:, None])[:, None, :, None]
     k, v = k.masked_fill(beyond, 1e3), v.masked_fill(beyond, -1e3)
     got = decode_attention(q, k, v, lens, impl="kernel")
     want = reference.decode_attention(q, k, v, lens)
@@ -531,14 +547,235 @@ def test_decode_ignores_cache_beyond_seqlens(device, impl):
         assert_close(got, clean, what=f"cache padding = {bad}")
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_decode_low_precision(dtype):
-    q, k, v, _ = make_qkv(2, 4, 2, 3, 50, 32, dtype=dtype, seed=95)
-    lens = torch.tensor([3, 44])
+def test_decode_low_precision(dtype, device):
+    """Decode accumulates in fp32 on both devices (no tensor-core rounding of P): only the
+    output's rounding separates it from the fp64 reference."""
+    q, k, v, _ = make_qkv(2, 4, 2, 3, 50, 32, dtype=dtype, seed=95, device=device)
+    lens = torch.tensor([3, 44], device=device)
     got = decode_attention(q, k, v, lens, impl="kernel")
     want = reference.decode_attention(q.double(), k.double(), v.double(), lens)
     assert got.dtype == dtype
     assert_close(got, want, dtype, **OUT_TOL[dtype])
+
+
+# ---- CUDA kernels ---------------------------------------------------------------------------
+# csrc/kernels/cuda/attention.cu has two paths: tensor cores for bf16 / fp16 with D in {64, 128}
+# (16-byte aligned rows, sm_80+), and warp-per-row CUDA-core kernels for everything else (fp64
+# below, compared at fp64 tolerance). decode_attention: split-KV for Tq <= 16, else the forward.
+
+
+def _on(device, kw):
+    """kw with its tensors moved to ``device``."""
+    return {n: (t.to(device) if isinstance(t, torch.Tensor) else t) for n, t in kw.items()}
+
+
+CUDA_FP64_CASES = {
+    # name: ((B, H, Hkv, Tq, Tk, D), kwargs)
+    "causal": ((2, 4, 2, 70, 70, 8), dict(causal=True)),
+    "noncausal-tq<tk": ((2, 4, 2, 33, 97, 16), dict(causal=False)),
+    "causal-tq<tk-ranges": ((3, 4, 2, 33, 97, 16),
+                            dict(causal=True, key_lengths=torch.tensor([97, 40, 0]), key_start=torch.tensor([0, 5, 0]))),
+    "noncausal-ranges-empty": ((3, 4, 4, 20, 70, 32),
+                               dict(causal=False, key_lengths=torch.tensor([70, 3, 20]), key_start=torch.tensor([69, 3, 30]))),
+    "causal-tq>tk": ((2, 4, 1, 70, 5, 8), dict(causal=True)),
+    "D=1": ((1, 2, 1, 33, 70, 1), dict(causal=True)),
+    "D=64-mqa": ((2, 8, 1, 65, 65, 64), dict(causal=True, key_lengths=torch.tensor([65, 31]))),
+    "D=256": ((1, 2, 1, 33, 70, 256), dict(causal=False, key_lengths=torch.tensor([67]))),
+}
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("case", list(CUDA_FP64_CASES))
+def test_cuda_fp64_padded_matches_reference(case, device):
+    """The CUDA-core path in fp64 (values and gradients of q, k, v) against the reference."""
+    shape, kw = CUDA_FP64_CASES[case]
+    q, k, v, g = make_qkv(*shape, device=device, seed=len(case))
+    assert_kernel_matches_reference(q, k, v, g, what=case, **_on(device, kw))
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lengths", VARLEN_CASES, ids=str)
+def test_cuda_fp64_varlen_matches_reference(lengths, causal, device):
+    total = sum(lengths)
+    q, k, v, g = (randn(total, h, 16, seed=i, device=device) for i, h in enumerate((4, 2, 2, 4)))
+    assert_kernel_matches_reference(q, k, v, g, causal=causal, cu_seqlens=cu_seqlens_of(lengths, device))
+
+
+# Tensor-core path against the fp64 reference on the same (rounded) inputs. Besides the rounding
+# of each output, P and dS are rounded to the storage dtype before their matmuls (as in
+# FlashAttention-2): one relative rounding (2^-9 bf16, 2^-12 fp16) per product term, which
+# averages out over the keys (queries for dK / dV). For D = 64 / 128, T = 300: |out| ~ 0.1 with
+# an expected error ~ 2e-4 (bf16) from P, hence atol well above that and rtol a few output ulps.
+TC_TOL = {
+    torch.bfloat16: dict(out=dict(rtol=1e-2, atol=2e-3), grad=dict(rtol=2e-2, atol=2e-2)),
+    torch.float16: dict(out=dict(rtol=2e-3, atol=5e-4), grad=dict(rtol=5e-3, atol=5e-3)),
+}
+
+TC_CASES = {
+    # name: ((B, H, Hkv, Tq, Tk), kwargs) -- T not a multiple of the 64-row tiles
+    "causal-T300-gqa-ranges": ((2, 8, 2, 300, 300),
+                               dict(causal=True, key_lengths=torch.tensor([300, 217]), key_start=torch.tensor([0, 9]))),
+    "noncausal-T300-gqa-ranges": ((2, 8, 2, 300, 300),
+                                  dict(causal=False, key_lengths=torch.tensor([300, 217]), key_start=torch.tensor([0, 9]))),
+    "causal-tq<tk": ((2, 4, 4, 100, 300), dict(causal=True)),
+    "causal-tq>tk-mqa": ((1, 4, 1, 129, 65), dict(causal=True)),
+    "noncausal-T1": ((3, 4, 2, 1, 1), dict(causal=False)),
+    "causal-T63": ((2, 4, 2, 63, 63), dict(causal=True, key_lengths=torch.tensor([63, 0]))),
+}
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("case", list(TC_CASES))
+def test_cuda_tensor_cores_vs_fp64_reference(case, D, dtype, device):
+    shape, kw = TC_CASES[case]
+    q, k, v, g = make_qkv(*shape, D, dtype=dtype, device=device, seed=D + len(case))
+    kw = _on(device, kw)
+    got = fwd_bwd(q, k, v, g, impl="kernel", **kw)
+    want = fwd_bwd(q.double(), k.double(), v.double(), g.double(), impl="reference", **kw)
+    tol = TC_TOL[dtype]
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.dtype == dtype and a.device.type == "cuda"
+        assert_close(a, e, dtype, **tol["out" if name == "out" else "grad"], what=f"{case} {name}")
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_tensor_cores_varlen_vs_fp64_reference(causal, dtype, device):
+    """Packed sequences (an empty one included) on the tensor-core path, GQA, D = 128."""
+    lengths = [300, 0, 77, 1, 130]
+    total = sum(lengths)
+    q, k, v, g = (randn(total, h, 128, seed=i, dtype=dtype, device=device) for i, h in enumerate((8, 2, 2, 8)))
+    kw = dict(causal=causal, cu_seqlens=cu_seqlens_of(lengths, device))
+    got = fwd_bwd(q, k, v, g, impl="kernel", **kw)
+    want = fwd_bwd(q.double(), k.double(), v.double(), g.double(), impl="reference", **kw)
+    tol = TC_TOL[dtype]
+    for name, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(a, e, dtype, **tol["out" if name == "out" else "grad"], what=name)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_unaligned_bf16_takes_the_cuda_core_path(device):
+    """bf16 rows that are not 16-byte aligned (a contiguous view at an odd element offset) cannot
+    use cp.async: the CUDA-core kernels run instead (fp32 probabilities: only the output's
+    rounding separates them from the reference) and agree with the aligned tensor-core result."""
+    shape = (2, 4, 2, 70, 70, 64)
+    q, k, v, g = make_qkv(*shape, dtype=torch.bfloat16, device=device, seed=7)
+
+    def unaligned(x):
+        buf = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+        view = buf[1:].view(x.shape)
+        view.copy_(x)
+        assert view.is_contiguous() and view.data_ptr() % 16 != 0
+        return view
+
+    # (not fwd_bwd: its clone() would allocate aligned copies)
+    qu, ku, vu = (unaligned(x).requires_grad_() for x in (q, k, v))
+    out = attention(qu, ku, vu, causal=True, impl="kernel")
+    got = (out.detach(), *torch.autograd.grad(out, (qu, ku, vu), unaligned(g)))
+    want = fwd_bwd(q.double(), k.double(), v.double(), g.double(), impl="reference", causal=True)
+    assert_close(got[0], want[0], torch.bfloat16, **OUT_TOL[torch.bfloat16], what="out")
+    for name, a, e in zip(("dq", "dk", "dv"), got[1:], want[1:]):
+        assert_close(a, e, torch.bfloat16, what=name)
+    aligned = fwd_bwd(q, k, v, g, impl="kernel", causal=True)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), aligned, got):
+        assert_close(a, e, torch.bfloat16, **TC_TOL[torch.bfloat16]["out" if name == "out" else "grad"], what=name)
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_cuda_masked_keys_are_never_read(dtype, device):
+    """NaN in left/right padding of K and V: the tensor-core path zero-fills those rows instead of
+    loading them and the CUDA-core path skips them, so results are bitwise those of clean
+    padding (gradients of the padded keys are exactly 0)."""
+    q, k, v, g = make_qkv(3, 4, 2, 100, 130, 64, dtype=dtype, seed=23, device=device)
+    kl = torch.tensor([130, 70, 100], device=device)
+    ks = torch.tensor([0, 5, 64], device=device)
+    kw = dict(causal=True, key_lengths=kl, key_start=ks, impl="kernel")
+    j = torch.arange(130, device=device)[None, :]
+    pad = ((j < ks[:, None]) | (j >= kl[:, None]))[:, None, :, None]
+    clean = fwd_bwd(q, k, v, g, **kw)
+    dirty = fwd_bwd(q, k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("nan")), g, **kw)
+    for name, a, e in zip(("out", "dq", "dk", "dv"), dirty, clean):
+        assert torch.equal(a, e), name
+    assert (dirty[2].masked_select(pad) == 0).all() and (dirty[3].masked_select(pad) == 0).all()
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("Tq", [1, 4])
+def test_cuda_decode_long_cache_several_splits(Tq, dtype, device):
+    """Caches of thousands of keys with B * Hkv small: the keys of each row are split over many
+    blocks (B = 1, Hkv = 1 alone gives min(2 * SMs, 5000 / 256) >= 2 splits on any GPU) and
+    merged by log-sum-exp. Rows of very different lengths (Tq only, a few hundred, 4999) share
+    the split count, so short rows have empty chunks. Against the fp64 reference (NaN beyond
+    every row's length) and against padded attention over each row's prefix."""
+    H, Hkv, D, Tmax = 8, 2, 128, 5000
+    for lengths in ([4999], [Tq, 300, 4999]):
+        B = len(lengths)
+        q = randn(B, H, Tq, D, seed=Tq, dtype=dtype, device=device)
+        k, v = (randn(B, Hkv, Tmax, D, seed=Tq + i, dtype=dtype, device=device) for i in (1, 2))
+        lens = torch.tensor(lengths, device=device)
+        beyond = (torch.arange(Tmax, device=device)[None, :] >= lens[:, None])[:, None, :, None]
+        k, v = k.masked_fill(beyond, float("nan")), v.masked_fill(beyond, float("nan"))
+        got = decode_attention(q, k, v, lens, impl="kernel")
+        want = reference.decode_attention(q.double(), k.double(), v.double(), lens)
+        assert_close(got, want, dtype, **OUT_TOL[dtype], what=f"lengths {lengths}")
+        for b, n in enumerate(lengths):
+            row = attention(q[b:b + 1], k[b:b + 1, :, :n], v[b:b + 1, :, :n], causal=True, impl="kernel")
+            tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else TC_TOL[dtype]["out"]
+            assert_close(got[b:b + 1], row, dtype, **tol, what=f"row {b} vs attention")
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_decode_prefill_chunk_takes_the_forward(device):
+    """Tq = 40 > 16 new tokens per row (a prefill chunk) runs the forward kernel on the device
+    table (tensor cores for bf16), still masking each row at its own cache length."""
+    q, k, v, _ = make_qkv(2, 8, 2, 40, 300, 64, dtype=torch.bfloat16, device=device, seed=3)
+    lens = torch.tensor([40, 257], device=device)
+    got = decode_attention(q, k, v, lens, impl="kernel")
+    want = reference.decode_attention(q.double(), k.double(), v.double(), lens)
+    assert_close(got, want, torch.bfloat16, **TC_TOL[torch.bfloat16]["out"])
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+def test_cuda_bitwise_deterministic(device):
+    """Tensor-core forward + backward (GQA, causal, key ranges) and split decode: identical bits
+    run to run (no atomics; fixed reduction orders)."""
+    q, k, v, g = make_qkv(2, 8, 2, 300, 300, 128, dtype=torch.bfloat16, device=device, seed=5)
+    kw = dict(causal=True, key_lengths=torch.tensor([300, 150], device=device), impl="kernel")
+    a, b = fwd_bwd(q, k, v, g, **kw), fwd_bwd(q, k, v, g, **kw)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    qd = q[:1, :, :1].contiguous()
+    lens = torch.tensor([299], device=device)
+    assert torch.equal(decode_attention(qd, k[:1], v[:1], lens), decode_attention(qd, k[:1], v[:1], lens))
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("causal", [True, False])
+def test_cuda_gradcheck(causal, device):
+    q, k, v, _ = make_qkv(2, 2, 1, 3, 5, 2, seed=41, device=device)
+    kw = dict(causal=causal, key_lengths=torch.tensor([4, 5], device=device), key_start=torch.tensor([1, 0], device=device))
+    for t in (q, k, v):
+        t.requires_grad_()
+    assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, impl="kernel", **kw), (q, k, v))
+
+
+@pytest.mark.parametrize("device", CUDA_ONLY)
+@pytest.mark.parametrize("kind", ["padded", "padded_plain", "varlen"])
+def test_cuda_opcheck_attention(kind, device):
+    args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in _op_args(kind))
+    args = tuple(a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a for a in args)
+    torch.library.opcheck(torch.ops.fastrlhf.attention.default, args)
+    q, k, v, _ = make_qkv(2, 4, 2, 3, 12, 64, dtype=torch.bfloat16, device=device, seed=111)
+    torch.library.opcheck(torch.ops.fastrlhf.decode_attention.default,
+                          (q, k, v, torch.tensor([3, 12], device=device), 0.3))
 
 
 # ---- drop-in for F.scaled_dot_product_attention -----------------------------------------

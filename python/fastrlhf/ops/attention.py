@@ -23,8 +23,24 @@ positions ``cache_seqlens[b] - Tq .. cache_seqlens[b] - 1``; they attend causall
 themselves and to everything before. Decoding token by token with it matches ``attention``
 over the whole sequence (the same kernel and the same per-row arithmetic).
 
-Kernels: CPU (csrc/kernels/cpu/attention.cpp: tiled online softmax). There is no CUDA kernel
-yet: CUDA tensors run the reference (``impl="kernel"`` raises there).
+Kernels: CPU (csrc/kernels/cpu/attention.cpp: tiled online softmax) and CUDA
+(csrc/kernels/cuda/attention.cu):
+
+* bf16 / fp16 with D in {64, 128} on sm_80+: FlashAttention-2 style tensor-core kernels (fp32
+  accumulation; the probabilities P and the score gradients dS are rounded to the storage dtype
+  before their matmuls, as in FlashAttention, so they differ from the reference by about one
+  rounding of that dtype, not only in the final output). The backward computes dQ and dK/dV in
+  two passes (no atomics): deterministic.
+* fp32, fp64 and other head dims: CUDA-core kernels, one warp per row, the CPU kernel's
+  arithmetic in fp32 (fp64).
+* ``decode_attention`` with Tq <= 16: split-KV (keys of each row cut into chunks across thread
+  blocks, merged by log-sum-exp in a fixed order), fp32 accumulation for every dtype; larger Tq
+  (prefill chunks) runs the forward kernel.
+
+On CUDA the padded-layout ops build their per-row table on the device (no host sync in the op;
+out-of-range ``key_lengths`` / ``key_start`` / ``cache_seqlens`` trap there, as torch's index
+checks do, and are reported by the checks here first outside ``torch.compile``); the varlen
+layout reads ``cu_seqlens`` on the host once per call.
 """
 
 from __future__ import annotations
@@ -36,7 +52,7 @@ from fastrlhf.ops import reference
 from fastrlhf.ops.reference._acc import acc_dtype
 from fastrlhf.ops._common import Impl, check_finite_scalar, check_tensor, use_kernel
 
-_CUDA_KERNEL = False  # no CUDA attention kernel yet
+_CUDA_KERNEL = True
 
 
 def _int_vector(op, name, x, B, device):
