@@ -1,6 +1,6 @@
 // CUDA kernels for attention (semantics in ../attention.h). Two families:
 //
-// Tensor cores (bf16 / fp16, D in {64, 128}, 16-byte aligned rows, sm_80+), FlashAttention-2
+// Tensor cores (bf16 / fp16, D in {32, 64, 96, 128}, 16-byte aligned rows, sm_80+), FlashAttention-2
 // style, 4 warps per block, mma.sync.m16n8k16 (fp32 accumulation) on fragments loaded from
 // shared memory with ldmatrix; global -> shared copies by cp.async, double-buffered. Shared tiles
 // are row-major with rows of D + 8 elements (consecutive rows 16 bytes apart modulo 128: the 8
@@ -1008,12 +1008,12 @@ DeviceInfo device_info() {
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
-// The tensor-core kernels need 16-bit storage, D in {64, 128}, sm_80+, and 16-byte aligned rows
+// The tensor-core kernels need 16-bit storage, D in {32, 64, 96, 128}, sm_80+, and 16-byte aligned rows
 // (cp.async): base pointers aligned and strides multiples of 8 elements (the glue's sequence
 // offsets are multiples of D).
 bool use_tensor_cores(const Params& p, DType dtype, std::initializer_list<const void*> ptrs) {
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return false;
-  if (p.D != 64 && p.D != 128) return false;
+  if (p.D != 32 && p.D != 64 && p.D != 96 && p.D != 128) return false;
   for (int64_t s : {p.q_head_stride, p.q_row_stride, p.k_head_stride, p.k_row_stride})
     if (s % 8 != 0) return false;
   for (const void* ptr : ptrs)
@@ -1026,7 +1026,9 @@ template <typename F>
 cudaError_t dispatch_tc(DType dtype, int64_t D, F&& f) {
   auto with_type = [&](auto t) -> cudaError_t {
     switch (D) {
+      case 32: return f(t, std::integral_constant<int, 32>{});
       case 64: return f(t, std::integral_constant<int, 64>{});
+      case 96: return f(t, std::integral_constant<int, 96>{});
       case 128: return f(t, std::integral_constant<int, 128>{});
       default: return cudaErrorInvalidValue;
     }

@@ -26,11 +26,11 @@ over the whole sequence (the same kernel and the same per-row arithmetic).
 Kernels: CPU (csrc/kernels/cpu/attention.cpp: tiled online softmax) and CUDA
 (csrc/kernels/cuda/attention.cu):
 
-* bf16 / fp16 with D in {64, 128} on sm_80+: FlashAttention-2 style tensor-core kernels (fp32
-  accumulation; the probabilities P and the score gradients dS are rounded to the storage dtype
-  before their matmuls, as in FlashAttention, so they differ from the reference by about one
-  rounding of that dtype, not only in the final output). The backward computes dQ and dK/dV in
-  two passes (no atomics): deterministic.
+* bf16 / fp16 with D in {32, 64, 96, 128} on sm_80+: FlashAttention-2 style tensor-core
+  kernels (fp32 accumulation; the probabilities P and the score gradients dS are rounded to the
+  storage dtype before their matmuls, as in FlashAttention, so they differ from the reference by
+  about one rounding of that dtype, not only in the final output). The backward computes dQ and
+  dK/dV in two passes (no atomics): deterministic.
 * fp32, fp64 and other head dims: CUDA-core kernels, one warp per row, the CPU kernel's
   arithmetic in fp32 (fp64).
 * ``decode_attention`` with Tq <= 16: split-KV (keys of each row cut into chunks across thread
