@@ -105,8 +105,10 @@ inline AttnCall prepare(const Tensor& q, const Tensor& k, const Tensor& v, bool 
 // visible to query i iff j < cache_seqlens[b] and j <= i + cache_seqlens[b] - Tq.
 inline AttnCall prepare_decode(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache,
                                const Tensor& cache_seqlens, double scale, bool host_table = true) {
-  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, "fastrlhf: decode_attention takes q [B, H, Tq, D], caches [B, Hkv, Tmax, D]");
-  auto c = prepare(q, k_cache, v_cache, true, scale, std::nullopt, std::nullopt, cache_seqlens, std::nullopt, host_table);
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4,
+              "fastrlhf: decode_attention takes q [B, H, Tq, D], caches [B, Hkv, Tmax, D]");
+  auto c = prepare(q, k_cache, v_cache, /*causal=*/true, scale, std::nullopt, std::nullopt, cache_seqlens,
+                   std::nullopt, host_table);
   const int64_t Tq = q.size(2);
   for (auto& s : c.seqs) {
     TORCH_CHECK(s.k_end >= Tq, "fastrlhf: cache_seqlens must count the ", Tq, " new tokens already in the cache");

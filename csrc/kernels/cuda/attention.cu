@@ -992,25 +992,20 @@ __global__ void padded_table_kernel(const PaddedTable t, Seq* seqs) {
 // Launchers
 // =============================================================================================
 
-struct DeviceInfo {
-  int sms = 1, major = 0, smem_optin = 48 << 10;
-};
-
-DeviceInfo device_info() {
-  DeviceInfo d;
-  int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return d;
-  cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev);
-  cudaDeviceGetAttribute(&d.major, cudaDevAttrComputeCapabilityMajor, dev);
-  cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  return d;
+// Compute capability major of the current device (0 if unknown).
+int compute_major() {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return 0;
+  return major;
 }
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
-// The tensor-core kernels need 16-bit storage, D in {32, 64, 96, 128}, sm_80+, and 16-byte aligned rows
-// (cp.async): base pointers aligned and strides multiples of 8 elements (the glue's sequence
-// offsets are multiples of D).
+// The tensor-core kernels need 16-bit storage, D in {32, 64, 96, 128}, sm_80+ (their largest
+// shared-memory need, ~70 KB for dK/dV at D = 128, is below every sm_80+ opt-in limit), and
+// 16-byte aligned rows (cp.async): base pointers aligned and strides multiples of 8 elements (the
+// glue's sequence offsets are multiples of D).
 bool use_tensor_cores(const Params& p, DType dtype, std::initializer_list<const void*> ptrs) {
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return false;
   if (p.D != 32 && p.D != 64 && p.D != 96 && p.D != 128) return false;
@@ -1018,7 +1013,7 @@ bool use_tensor_cores(const Params& p, DType dtype, std::initializer_list<const 
     if (s % 8 != 0) return false;
   for (const void* ptr : ptrs)
     if (!aligned16(ptr)) return false;
-  return device_info().major >= 8;
+  return compute_major() >= 8;
 }
 
 // f(T{}, std::integral_constant<int, D>{}) for the tensor-core dtypes and head dims.
