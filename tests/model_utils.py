@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fastrlhf.models import CausalLM, CausalLMConfig
@@ -27,3 +28,9 @@ def left_padded(B: int, P: int, vocab: int, lengths, seed: int = 0):
     mask = (torch.arange(P) >= P - lengths[:, None]).long()
     ids = torch.randint(1, vocab, (B, P), generator=g) * mask
     return ids, mask
+
+
+@pytest.fixture
+def model():
+    """A fresh tiny CausalLM (import the fixture into the test module to use it)."""
+    return tiny_model()

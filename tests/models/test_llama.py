@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_utils import left_padded, tiny_config, tiny_model
+from model_utils import left_padded, model, tiny_config, tiny_model  # noqa: F401  (model: fixture)
 from fastrlhf import ops
 from fastrlhf.models import CausalLM, CausalLMConfig
 

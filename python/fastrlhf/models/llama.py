@@ -117,6 +117,19 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)``. For a plain fp32 ``nn.Linear`` on the CPU with at most 64 rows (decoding), it
+    computes ``(W @ x^T)^T`` instead: MKL's sgemm is much faster with the large dimension first
+    (1.7x on the decode step of bench/generate.py on 2 cores). Same math; only rounding differs."""
+    if (type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype == torch.float32
+            and x.numel() <= 64 * x.shape[-1]):
+        y = (layer.weight @ x.reshape(-1, x.shape[-1]).t()).t()  # (rows, out), a transposed view
+        if layer.bias is not None:
+            y = y + layer.bias
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+    return layer(x)
+
+
 def rope_inv_freq(config: CausalLMConfig) -> torch.Tensor:
     """Inverse frequencies ``[D / 2]`` (fp32) of RoPE, with Llama 3's frequency scaling if set."""
     D = config.head_dim
@@ -204,16 +217,16 @@ class Attention(nn.Module):
         D, H, Hkv = self.head_dim, self.n_head, self.n_kv_head
         if layout.mode == "varlen":
             N = x.shape[0]  # x (N, C), cos/sin (N, D)
-            q = self.q_proj(x).view(N, H, D)
-            k = self.k_proj(x).view(N, Hkv, D)
-            v = self.v_proj(x).view(N, Hkv, D)
+            q = linear(self.q_proj, x).view(N, H, D)
+            k = linear(self.k_proj, x).view(N, Hkv, D)
+            v = linear(self.v_proj, x).view(N, Hkv, D)
             q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
             y = ops.attention(q, k, v, causal=True, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen)
-            return self.o_proj(y.reshape(N, H * D))  # (N, C)
+            return linear(self.o_proj, y.reshape(N, H * D))  # (N, C)
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        q = linear(self.q_proj, x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = linear(self.k_proj, x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+        v = linear(self.v_proj, x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layout.mode == "padded":
             y = ops.attention(q, k, v, causal=True, key_start=layout.key_start, key_lengths=layout.key_lengths)
@@ -229,7 +242,7 @@ class Attention(nn.Module):
             vc[rows, :, layout.write_pos] = v.transpose(1, 2)
             y = ops.decode_attention(q, kc, vc, layout.new_lengths, validate=False)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
-        return self.o_proj(y)
+        return linear(self.o_proj, y)
 
 
 class MLP(nn.Module):
@@ -243,7 +256,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, C, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
 
 
 class DecoderLayer(nn.Module):
@@ -422,7 +435,7 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[..., C]`` -> logits ``[..., V]``."""
-        return self.lm_head(hidden)
+        return linear(self.lm_head, hidden)
 
     # ---- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
