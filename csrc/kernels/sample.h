@@ -43,6 +43,8 @@ struct Params {
   const int64_t* history = nullptr;  // [B, L], -1 = padding
   int64_t L = 0;
   uint64_t seed = 0, offset = 0;
+  const int64_t* row_ids = nullptr;  // [B] Philox row counters (null: the row index), so a row's draw
+                                     // does not depend on its position in the batch
   int64_t* tokens = nullptr;     // [B]
   float* logprobs = nullptr;     // [B]
   float* raw_logprobs = nullptr; // [B]

@@ -63,12 +63,13 @@ TORCH_LIBRARY(fastrlhf, m) {
 
   // ---- sampling (python/fastrlhf/ops/sample.py) ----
   // logits [B, V]; each parameter a [B] tensor or the scalar after it; token_history [B, L]
-  // (-1 padding) -> (tokens [B] int64, logprobs [B] fp32, raw_logprobs [B] fp32)
+  // (-1 padding); row_ids [B] int64 Philox row counters (default: the row index)
+  // -> (tokens [B] int64, logprobs [B] fp32, raw_logprobs [B] fp32)
   m.def("sample(Tensor logits, Tensor? temperature, float temperature_val, Tensor? top_k, int top_k_val, "
         "Tensor? top_p, float top_p_val, Tensor? min_p, float min_p_val, Tensor? epsilon, float epsilon_val, "
         "Tensor? repetition_penalty, float repetition_penalty_val, Tensor? presence_penalty, "
         "float presence_penalty_val, Tensor? frequency_penalty, float frequency_penalty_val, "
-        "Tensor? token_history, int seed, int offset) -> (Tensor, Tensor, Tensor)");
+        "Tensor? token_history, int seed, int offset, Tensor? row_ids) -> (Tensor, Tensor, Tensor)");
 
   // ---- attention (python/fastrlhf/ops/attention.py) ----
   // padded: q [B, H, Tq, D], k/v [B, Hkv, Tk, D], key_lengths/key_start [B] -> (out like q, lse [B, H, Tq])

@@ -7,7 +7,7 @@
 namespace fastrlhf::ops {
 
 struct SampleCall {
-  Tensor logits, history, tokens, logprobs, raw_logprobs, workspace;
+  Tensor logits, history, row_ids, tokens, logprobs, raw_logprobs, workspace;
   std::vector<Tensor> holders;  // contiguous per-row parameter tensors
   k::sample::Params params;
   k::DType dtype;
@@ -35,7 +35,8 @@ inline SampleCall prepare_sample(const Tensor& logits, const std::optional<Tenso
                                  const std::optional<Tensor>& repetition_penalty, double repetition_penalty_val,
                                  const std::optional<Tensor>& presence_penalty, double presence_penalty_val,
                                  const std::optional<Tensor>& frequency_penalty, double frequency_penalty_val,
-                                 const std::optional<Tensor>& token_history, int64_t seed, int64_t offset) {
+                                 const std::optional<Tensor>& token_history, int64_t seed, int64_t offset,
+                                 const std::optional<Tensor>& row_ids) {
   TORCH_CHECK(logits.dim() == 2 && logits.size(1) >= 1, "fastrlhf: logits must be [B, V] with V >= 1, got ",
               logits.sizes());
   check_float(logits, "logits");
@@ -63,6 +64,14 @@ inline SampleCall prepare_sample(const Tensor& logits, const std::optional<Tenso
     c.history = token_history->contiguous();
     p.history = c.history.const_data_ptr<int64_t>();
     p.L = token_history->size(1);
+  }
+  if (row_ids.has_value()) {
+    TORCH_CHECK(row_ids->dim() == 1 && row_ids->size(0) == p.B, "fastrlhf: row_ids must be [B] = [", p.B, "], got ",
+                row_ids->sizes());
+    check_dtype(*row_ids, at::kLong, "row_ids");
+    TORCH_CHECK(row_ids->device() == logits.device(), "fastrlhf: row_ids must be on ", logits.device());
+    c.row_ids = row_ids->contiguous();
+    p.row_ids = c.row_ids.const_data_ptr<int64_t>();
   }
   p.seed = uint64_t(seed);
   p.offset = uint64_t(offset);

@@ -102,10 +102,29 @@ def test_seeded_and_dropping_finished_rows_changes_nothing_greedy():
     torch.manual_seed(0)
     e = generate(model, ids, mask, **kw)
     assert torch.equal(d.sequences, e.sequences)
-    g1 = generate(model, ids, mask, temperature=0.0, drop_finished=True, **kw)
-    g2 = generate(model, ids, mask, temperature=0.0, drop_finished=False, **kw)
-    assert torch.equal(g1.sequences, g2.sequences)
-    assert (g1.logprobs - g2.logprobs).abs().max() <= 1e-5
+    for temperature in (0.0, 1.0):  # a row's draws do not depend on which rows are still in the batch
+        g1 = generate(model, ids, mask, temperature=temperature, drop_finished=True, seed=5, **kw)
+        g2 = generate(model, ids, mask, temperature=temperature, drop_finished=False, seed=5, **kw)
+        assert torch.equal(g1.sequences, g2.sequences)
+        assert (g1.logprobs - g2.logprobs).abs().max() <= 1e-5
+    other = dict(kw, max_new_tokens=[1, 2, 7, 1, 10])  # only row 0 changes
+    g3 = generate(model, ids, mask, seed=5, temperature=1.0, **other)
+    assert torch.equal(g3.sequences[1:], g1.sequences[1:])
+
+
+def test_generation_config_defaults_and_scalar_forms(tmp_path):
+    model = tiny_model()
+    ids, mask = left_padded(2, 5, 97, [5, 3])
+    first = generate(model, ids, mask, max_new_tokens=3, temperature=0.0, stop_token_ids=[]).responses[:, 0]
+    model.generation_config = {"eos_token_id": [int(first[0]), 96], "pad_token_id": 95}
+    model.save_pretrained(tmp_path)
+    from fastrlhf.models import CausalLM
+    again = CausalLM.from_pretrained(tmp_path).eval()
+    assert again.generation_config == model.generation_config
+    out = generate(again, ids, mask, max_new_tokens=3, temperature=0.0)
+    assert out.response_lengths[0] == 1 and out.stopped[0] and out.responses[0, 1] == 95
+    a = generate(model, ids, mask, max_new_tokens=3, temperature=torch.tensor(0.0), stop_token_ids=int(first[0]))
+    assert torch.equal(a.sequences, out.sequences)
 
 
 def test_presence_penalty_forbids_seen_tokens():

@@ -54,6 +54,19 @@ def test_from_hf_and_back_match_logits(name):
         compare(back(input_ids=ids, attention_mask=mask).logits, ref, mask)
 
 
+def test_from_hf_copies_the_weights():
+    """A policy and a reference model built from one HF model must not share storage."""
+    hf = hf_model("llama")
+    a, b = CausalLM.from_hf(hf), CausalLM.from_hf(hf)
+    with torch.no_grad():
+        a.model.layers[0].self_attn.q_proj.weight.add_(1.0)
+    assert torch.equal(b.model.layers[0].self_attn.q_proj.weight, hf.model.layers[0].self_attn.q_proj.weight)
+    back = a.to_hf()
+    with torch.no_grad():
+        back.lm_head.weight.add_(1.0)
+    assert not torch.equal(back.lm_head.weight, a.lm_head.weight)
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_checkpoint_directories_move_both_ways(tmp_path, name):
     hf = hf_model(name, seed=3)

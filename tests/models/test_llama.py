@@ -159,6 +159,7 @@ def test_bad_input_raises(model):
     (dict(hidden_size=65), "not a multiple"),
     (dict(model_type="gpt2"), "model_type"),
     (dict(rope_scaling={"rope_type": "yarn"}), "not supported"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "needs"),
     (dict(num_hidden_layers=0), "num_hidden_layers"),
 ])
 def test_bad_config_raises(bad, match):

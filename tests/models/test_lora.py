@@ -89,5 +89,10 @@ def test_lora_errors(tmp_path):
     m = apply_lora(tiny_model(), r=2, target_modules=("q_proj",))
     save_lora(m, tmp_path)
     other = apply_lora(tiny_model(), r=3, target_modules=("q_proj",))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="r / alpha"):
         load_lora(other, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    for key, value in (("use_rslora", True), ("rank_pattern", {"q_proj": 4}), ("target_modules", "all-linear")):
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
+        with pytest.raises(ValueError, match="plain LoRA|pattern"):
+            load_lora(tiny_model(), tmp_path)

@@ -41,7 +41,11 @@ def test_padding_sides_and_truncation(tok):
     assert right["attention_mask"][0, :n0].sum() == n0 and right["input_ids"][0, -1] == tok.pad_token_id
     short = tok(texts, max_length=3)
     assert short["input_ids"].shape[1] == 3
-    assert short["input_ids"][1].tolist() == tok.encode(texts[1])[-3:]  # left truncation keeps the end
+    assert short["input_ids"][1].tolist() == tok.encode(texts[1])[:3]  # transformers' default: cut the right
+    end = tok(texts, max_length=3, truncation_side="left")
+    assert end["input_ids"][1].tolist() == tok.encode(texts[1])[-3:]  # keeps a prompt's end
+    with pytest.raises(ValueError, match="max_length must be >= 1"):
+        tok(texts, max_length=0)
     with pytest.raises(ValueError, match="padding_side"):
         tok(texts, padding_side="middle")
 

@@ -635,7 +635,7 @@ def op_args(logits, seed=0, offset=0, **params):
     for name in PARAM_ORDER:
         v = params.get(name, DEFAULTS[name])
         args += [v, DEFAULTS[name]] if isinstance(v, torch.Tensor) else [None, v]
-    return (*args, params.get(H), seed, offset)
+    return (*args, params.get(H), seed, offset, params.get("row_ids"))
 
 
 def opcheck_inputs(device):
@@ -651,6 +651,30 @@ def opcheck_inputs(device):
                   epsilon=torch.tensor([0.0, 0.1, 0.0, 1.0], device=device),
                   repetition_penalty=torch.tensor([1.0, 1.2, 0.8, 1.0], device=device),
                   token_history=base_history(device))
+    yield op_args(logits, seed=3, offset=5, temperature=0.9, row_ids=torch.tensor([7, 0, 3, 2**40], device=device))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_row_ids_make_a_rows_draw_independent_of_the_batch(device, impl):
+    """What a generation loop relies on when it drops finished rows: with row_ids, a row's token
+    depends on (seed, offset, row id) only, not on its position or on the other rows."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 500, generator=g).to(device)
+    ids = torch.arange(6, device=device)
+    for offset in range(5):
+        full = sample(logits, temperature=1.5, seed=9, offset=offset, row_ids=ids, impl=impl).tokens
+        keep = torch.tensor([5, 1, 3], device=device)
+        part = sample(logits[keep], temperature=1.5, seed=9, offset=offset, row_ids=ids[keep], impl=impl).tokens
+        assert torch.equal(part, full[keep])
+    plain = torch.stack([sample(logits, temperature=1.5, seed=9, offset=o, impl=impl).tokens for o in range(8)])
+    shifted = torch.stack([sample(logits, temperature=1.5, seed=9, offset=o, row_ids=ids + 1, impl=impl).tokens
+                           for o in range(8)])
+    assert not torch.equal(plain, shifted)  # the row id is part of the counter
+    with pytest.raises(ValueError, match="row_ids must be an integer"):
+        sample(logits, row_ids=ids[:3], impl=impl)
+    with pytest.raises(ValueError, match="row_ids must be >= 0"):
+        sample(logits, row_ids=ids - 1, impl=impl)
 
 
 @pytest.mark.parametrize("device", DEVICES)

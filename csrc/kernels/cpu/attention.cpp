@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "../attention.h"
@@ -165,20 +166,106 @@ void forward(const Params& p, const cpu::ParallelFor& parallel_for) {
   });
 }
 
+// Decode helpers. Rows [j0, j0 + n) of one kv head of K or V as accumulator-type values with
+// row stride *ld: the cache itself when its storage already is the accumulator type, else
+// converted into buf (n x D).
+template <typename S, typename A>
+const A* as_acc_rows(const S* base, int64_t j0, int64_t n, int64_t stride, int64_t D, A* buf, int64_t* ld) {
+  if constexpr (std::is_same_v<S, A>) {
+    *ld = stride;
+    return base + j0 * stride;
+  } else {
+    for (int64_t jj = 0; jj < n; ++jj)
+      for (int64_t d = 0; d < D; ++d) buf[jj * D + d] = load<A>(base + (j0 + jj) * stride + d);
+    *ld = D;
+    return buf;
+  }
+}
+
+// s[jj] = q . k_jj for n keys (rows ld apart); four keys per pass so that four independent
+// accumulations (and one horizontal reduction each) overlap.
+template <typename A>
+void dot_keys(const A* __restrict q, const A* __restrict k, int64_t ld, int64_t n, int64_t D, A* __restrict s) {
+  int64_t jj = 0;
+  for (; jj + 4 <= n; jj += 4) {
+    const A* __restrict k0 = k + jj * ld;
+    const A* __restrict k1 = k0 + ld;
+    const A* __restrict k2 = k1 + ld;
+    const A* __restrict k3 = k2 + ld;
+    A a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+    for (int64_t d = 0; d < D; ++d) {
+      const A qd = q[d];
+      a0 += qd * k0[d];
+      a1 += qd * k1[d];
+      a2 += qd * k2[d];
+      a3 += qd * k3[d];
+    }
+    s[jj] = a0, s[jj + 1] = a1, s[jj + 2] = a2, s[jj + 3] = a3;
+  }
+  for (; jj < n; ++jj) {
+    const A* __restrict kj = k + jj * ld;
+    A a = 0;
+#pragma omp simd reduction(+ : a)
+    for (int64_t d = 0; d < D; ++d) a += q[d] * kj[d];
+    s[jj] = a;
+  }
+}
+
+// acc[0, D) += sum_jj p[jj] * v_jj over n value rows (ld apart), D split into register-sized
+// chunks held across the keys (no load/store of acc per key).
+template <typename A>
+void accumulate_values(const A* __restrict p, const A* __restrict v, int64_t ld, int64_t n, int64_t D,
+                       A* __restrict acc) {
+  constexpr int64_t W = 256 / sizeof(A);  // 64 floats: four 512-bit registers
+  int64_t d0 = 0;
+  for (; d0 + W <= D; d0 += W) {
+    A a[W];
+#pragma omp simd
+    for (int64_t dd = 0; dd < W; ++dd) a[dd] = acc[d0 + dd];
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const A pj = p[jj];
+      const A* __restrict vr = v + jj * ld + d0;
+#pragma omp simd
+      for (int64_t dd = 0; dd < W; ++dd) a[dd] += pj * vr[dd];
+    }
+#pragma omp simd
+    for (int64_t dd = 0; dd < W; ++dd) acc[d0 + dd] = a[dd];
+  }
+  if (d0 < D) {
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const A pj = p[jj];
+      const A* __restrict vr = v + jj * ld;
+#pragma omp simd
+      for (int64_t d = d0; d < D; ++d) acc[d] += pj * vr[d];
+    }
+  }
+}
+
 // Decode (few query rows per sequence): one task per (sequence, kv head) holding the rows of
-// all query heads of its group, so K and V are streamed from memory once per group, row by row
-// (no staging); scores by dot products, then the same online softmax as forward().
+// all query heads of its group, so K and V are read from memory once per group (straight from
+// the cache when it is fp32); per L1-sized tile of keys and per row: scores by dot products, the
+// online softmax of forward(), then P.V with the accumulators held in registers.
 template <typename S>
 void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
   using A = acc_t<S>;
   const int64_t D = p.D, group = p.H / p.Hkv;
   const A scale = A(p.scale);
+  int64_t max_rows = 0;
+  for (int64_t b = 0; b < p.n_seq; ++b) max_rows = std::max(max_rows, group * p.seqs[b].q_len);
+  // keys per tile: one tile of K and of V (8 KiB each) stays in L1 while every row uses it
+  const int64_t tile = std::clamp<int64_t>(8192 / (D * int64_t(sizeof(A))), 8, kBK);
   parallel_for(p.n_seq * p.Hkv, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> q(max_rows * D), acc(max_rows * D), s(max_rows * kBK), m(max_rows), l(max_rows);
+    std::vector<A> kbuf(std::is_same_v<S, A> ? 0 : kBK * D), vbuf(kbuf.size());
+    std::vector<int64_t> vis_end(max_rows);
     for (int64_t t = t0; t < t1; ++t) {
       const Seq& sq = p.seqs[t / p.Hkv];
       const int64_t hk = t % p.Hkv, nr = group * sq.q_len;  // row r = (head hk*group + r / q_len, i = r % q_len)
-      std::vector<A> q(nr * D), acc(nr * D, A(0)), s(nr * kBK), m(nr, neg_inf<A>()), l(nr, A(0)), kv(D);
-      std::vector<int64_t> vis_end(nr);
+      if (nr == 0) continue;
+      std::fill(acc.begin(), acc.begin() + nr * D, A(0));
+      std::fill(m.begin(), m.begin() + nr, neg_inf<A>());
+      std::fill(l.begin(), l.begin() + nr, A(0));
       for (int64_t r = 0; r < nr; ++r) {
         const int64_t h = hk * group + r / sq.q_len, i = r % sq.q_len;
         const S* Q = static_cast<const S*>(p.q) + sq.q_off + h * p.q_head_stride + i * p.q_row_stride;
@@ -187,48 +274,32 @@ void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
       }
       const S* K = static_cast<const S*>(p.k) + sq.k_off + hk * p.k_head_stride;
       const S* V = static_cast<const S*>(p.v) + sq.k_off + hk * p.k_head_stride;
-      const int64_t k_hi = *std::max_element(vis_end.begin(), vis_end.end());
-      for (int64_t j0 = sq.k_begin; j0 < k_hi; j0 += kBK) {
-        const int64_t j1 = std::min(k_hi, j0 + kBK);
-        for (int64_t j = j0; j < j1; ++j) {
-          for (int64_t d = 0; d < D; ++d) kv[d] = load<A>(K + j * p.k_row_stride + d);
-          for (int64_t r = 0; r < nr; ++r) {
-            A dot = 0;
-            const A* __restrict qr = q.data() + r * D;
-#pragma omp simd reduction(+ : dot)
-            for (int64_t d = 0; d < D; ++d) dot += qr[d] * kv[d];
-            s[r * kBK + (j - j0)] = dot;
-          }
-        }
-        for (int64_t r = 0; r < nr; ++r) {  // online softmax over the tile
-          const int64_t vis = std::min(j1, vis_end[r]) - j0;
+      const int64_t k_hi = *std::max_element(vis_end.begin(), vis_end.begin() + nr);
+      for (int64_t j0 = sq.k_begin; j0 < k_hi; j0 += tile) {
+        const int64_t j1 = std::min(k_hi, j0 + tile), n = j1 - j0;
+        int64_t kld = 0, vld = 0;
+        const A* kt = as_acc_rows(K, j0, n, p.k_row_stride, D, kbuf.data(), &kld);
+        const A* vt = as_acc_rows(V, j0, n, p.k_row_stride, D, vbuf.data(), &vld);
+        for (int64_t r = 0; r < nr; ++r) {
+          const int64_t vis = std::min(j1, vis_end[r]) - j0;  // visible keys of this row in the tile
+          if (vis <= 0) continue;
           A* sr = s.data() + r * kBK;
-          if (vis <= 0) {
-            for (int64_t jj = 0; jj < kBK; ++jj) sr[jj] = A(0);
-            continue;
-          }
+          dot_keys(q.data() + r * D, kt, kld, vis, D, sr);
           A tile_max = neg_inf<A>();
           for (int64_t jj = 0; jj < vis; ++jj) tile_max = sr[jj] > tile_max ? sr[jj] : tile_max;
           const A m_new = tile_max > m[r] ? tile_max : m[r];
           const A corr = m[r] == neg_inf<A>() ? A(0) : fast_exp(m[r] - m_new);
           A sum = 0;
-          for (int64_t jj = 0; jj < kBK; ++jj) {
-            sr[jj] = jj < vis ? fast_exp(sr[jj] - m_new) : A(0);
+          for (int64_t jj = 0; jj < vis; ++jj) {
+            sr[jj] = fast_exp(sr[jj] - m_new);
             sum += sr[jj];
           }
           l[r] = l[r] * corr + sum;
           m[r] = m_new;
-          for (int64_t d = 0; d < D; ++d) acc[r * D + d] *= corr;
-        }
-        for (int64_t j = j0; j < j1; ++j) {  // P.V, each V row read once for all rows
-          for (int64_t d = 0; d < D; ++d) kv[d] = load<A>(V + j * p.k_row_stride + d);
-          for (int64_t r = 0; r < nr; ++r) {
-            const A pj = s[r * kBK + (j - j0)];
-            if (pj == A(0)) continue;
-            A* __restrict ar = acc.data() + r * D;
+          A* __restrict ar = acc.data() + r * D;
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) ar[d] += pj * kv[d];
-          }
+          for (int64_t d = 0; d < D; ++d) ar[d] *= corr;
+          accumulate_values(sr, vt, vld, vis, D, ar);
         }
       }
       for (int64_t r = 0; r < nr; ++r) {

@@ -270,7 +270,7 @@ bool run_row(const Params& p, int64_t b, Scratch& s, const cpu::ParallelFor& inn
 
   const float temperature = p.temperature.at(b), eps = p.epsilon.at(b);
   const int64_t k = p.top_k.at(b);
-  const Branch br = choose(row_uniform(p.seed, p.offset, b), eps);
+  const Branch br = choose(row_uniform(p.seed, p.offset, p.row_ids ? p.row_ids[b] : b), eps);
   int64_t token = 0;
   float lq;
   if (temperature <= 0.0f || k == 1) {  // greedy: argmax of the penalized logits (first index)

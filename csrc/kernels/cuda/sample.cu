@@ -99,7 +99,7 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(Params p) {
 
   const float temperature = p.temperature.at(b), eps = p.epsilon.at(b);
   const int64_t k = p.top_k.at(b);
-  const Branch br = choose(row_uniform(p.seed, p.offset, b), eps);
+  const Branch br = choose(row_uniform(p.seed, p.offset, p.row_ids ? p.row_ids[b] : b), eps);
   const int64_t uniform_token = br.uniform ? min(V - 1, int64_t(br.u * double(V))) : -1;
   float lq = 0;
   if (temperature <= 0.0f || k == 1) {

@@ -23,13 +23,17 @@ class GenerationConfig:
     epsilon: float | torch.Tensor = 0.0
     """Epsilon-greedy exploration: mix the filtered distribution with a uniform one."""
     repetition_penalty: float | torch.Tensor = 1.0
+    """Penalties see the prompt and the generated tokens (Hugging Face's repetition penalty does;
+    vLLM / OpenAI presence and frequency penalties count generated tokens only)."""
     presence_penalty: float | torch.Tensor = 0.0
     frequency_penalty: float | torch.Tensor = 0.0
-    stop_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None
-    """Tokens that end a row (kept as its last response token): one list for all rows, or a list
-    per row. None: the model config's ``eos_token_id``."""
+    stop_token_ids: int | Sequence[int] | Sequence[Sequence[int]] | None = None
+    """Tokens that end a row (kept as its last response token): one id or list for all rows, or a
+    list per row. None: ``eos_token_id`` of the model's generation config (a checkpoint's
+    generation_config.json: instruct models list their chat end tokens there), else of its config."""
     pad_token_id: int | None = None
-    """Fills sequences after a row ends. None: the model config's ``pad_token_id``, else 0."""
+    """Fills sequences after a row ends. None: the model's ``pad_token_id`` (generation config, then
+    config), else the first stop token, else 0."""
     seed: int | None = None
     """Sampling seed; None draws one from torch's default generator (``torch.manual_seed``)."""
     drop_finished: bool = True

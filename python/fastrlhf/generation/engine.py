@@ -11,8 +11,9 @@
    ``ops.decode_attention``. Rows that hit a stop token or their ``max_new_tokens`` leave the batch
    together with their cache rows (``drop_finished``), so they cost nothing more.
 
-Randomness: Philox keyed by ``config.seed``; step t uses offset t and the row's current index in
-the (shrinking) batch, so a call is reproducible from its seed.
+Randomness: Philox keyed by ``config.seed``; step t of row b uses counter (t, b), b the row's
+index in the call's input, so a row's tokens depend only on the seed, its prompt and its own
+settings - not on which other rows are in the batch or have finished.
 
 Any Hugging Face causal LM works through :func:`fastrlhf.generation.hf.generate_hf` (dispatched
 automatically): its own forward and cache, the same sampling, no row dropping.
@@ -54,7 +55,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 class _Plan:
     """Validated per-row settings of one call."""
 
-    def __init__(self, input_ids, attention_mask, config: GenerationConfig, model_config):
+    def __init__(self, input_ids, attention_mask, config: GenerationConfig, model):
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             raise ValueError(f"generate: input_ids must be an int [B, P] tensor, got "
                              f"{getattr(input_ids, 'shape', type(input_ids).__name__)}")
@@ -77,15 +78,22 @@ class _Plan:
         if bool((self.max_new < 1).any()):
             raise ValueError("generate: max_new_tokens must be >= 1")
         self.L = int(self.max_new.max())
-        self.stop = self._stop_table(config.stop_token_ids, model_config, B, dev)
+        stop = config.stop_token_ids
+        self.stop = self._stop_table(_model_default(model, "eos_token_id") if stop is None else stop, B, dev)
         pad = config.pad_token_id
         if pad is None:
-            pad = getattr(model_config, "pad_token_id", None)
+            pad = _model_default(model, "pad_token_id")
+        if pad is None and self.stop.numel():  # as transformers: pad with the (first) end token
+            pad = int(self.stop[0, 0])
         self.pad = 0 if pad is None else int(pad)
-        self.sampling = {k: getattr(config, k) for k in _SAMPLING}
-        for k, v in self.sampling.items():
-            if isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] != B:
+        self.sampling = {}
+        for k in _SAMPLING:
+            v = getattr(config, k)
+            if isinstance(v, torch.Tensor) and v.dim() == 0:
+                v = v.item()
+            if isinstance(v, torch.Tensor) and tuple(v.shape) != (B,):
                 raise ValueError(f"generate: {k} must be a scalar or a [B] = [{B}] tensor, got {tuple(v.shape)}")
+            self.sampling[k] = v
         self.penalties = any(_nontrivial(self.sampling[k], d) for k, d in
                              (("repetition_penalty", 1.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0)))
         seed = config.seed
@@ -103,13 +111,14 @@ class _Plan:
         return t.clone()
 
     @staticmethod
-    def _stop_table(stop, model_config, B, dev):
+    def _stop_table(stop, B, dev):
         """-> [B, S] int64 stop ids per row, -1 padded (S may be 0)."""
         if stop is None:
-            eos = getattr(model_config, "eos_token_id", None)
-            stop = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+            stop = []
         if isinstance(stop, torch.Tensor):
             stop = stop.tolist()
+        if isinstance(stop, int):
+            stop = [stop]
         rows = stop if (len(stop) and isinstance(stop[0], (list, tuple))) else [list(stop)] * B
         if len(rows) != B:
             raise ValueError(f"generate: stop_token_ids per row must have B = {B} lists, got {len(rows)}")
@@ -135,6 +144,14 @@ class _Plan:
         self.timings[phase] += time.perf_counter() - t0
 
 
+def _model_default(model, name):
+    """``name`` (eos_token_id, pad_token_id) from the model's generation config (a transformers
+    GenerationConfig, or the dict of a checkpoint's generation_config.json), else its config."""
+    gen = getattr(model, "generation_config", None)
+    value = gen.get(name) if isinstance(gen, dict) else getattr(gen, name, None)
+    return value if value is not None else getattr(getattr(model, "config", None), name, None)
+
+
 def _nontrivial(v, default):
     if isinstance(v, torch.Tensor):
         return bool((v != default).any())
@@ -145,7 +162,7 @@ def _sample(plan: _Plan, logits: torch.Tensor, rows: torch.Tensor, step: int, hi
     """One token per row from ``logits [b, V]`` for the batch rows ``rows [b]`` (original ids).
     -> (tokens [b], logprobs [b] under softmax(logits / T), sampling logprobs [b])."""
     kw = {name: plan.select(name, rows) for name in _SAMPLING}
-    out = ops.sample(logits, seed=plan.seed, offset=step, token_history=history, validate=step == 0, **kw)
+    out = ops.sample(logits, seed=plan.seed, offset=step, row_ids=rows, token_history=history, validate=step == 0, **kw)
     temp = kw["temperature"]
     if isinstance(temp, torch.Tensor):  # per-row temperatures: plain log-softmax, T = 1 where greedy
         t = torch.where(temp > 0, temp, torch.ones_like(temp)).float()[:, None]
@@ -221,17 +238,18 @@ class Decoder:
 @torch.inference_mode()
 def _generate_native(model, input_ids, attention_mask, config: GenerationConfig) -> GenerationOutput:
     input_ids = input_ids.to(model.device)
-    plan = _Plan(input_ids, attention_mask, config, model.config)
+    plan = _Plan(input_ids, attention_mask, config, model)
     B, P, L, dev = plan.B, plan.P, plan.L, input_ids.device
-    if P + L > model.config.max_position_embeddings:
-        raise ValueError(f"generate: prompt ({P}) + max_new_tokens ({L}) exceed max_position_embeddings "
-                         f"({model.config.max_position_embeddings})")
     lengths = plan.lengths.to(dev)
+    need = int((lengths + plan.max_new.to(dev)).max())  # the longest row: prompt + new tokens
+    if need > model.config.max_position_embeddings:
+        raise ValueError(f"generate: a prompt plus its max_new_tokens ({need}) exceeds max_position_embeddings "
+                         f"({model.config.max_position_embeddings})")
     # right-padded copy of the prompts: row b's tokens at [0, len_b)
     src = (P - lengths)[:, None] + torch.arange(P, device=dev)  # (B, P)
     prompt = input_ids.gather(1, src.clamp(max=P - 1))
     prompt_mask = (torch.arange(P, device=dev) < lengths[:, None]).long()
-    cache = model.new_cache(B, P + L)
+    cache = model.new_cache(B, max(need, P))  # prefill writes P (padded) positions
     dec = Decoder(plan, input_ids)
 
     with plan.timed("prefill"):

@@ -23,16 +23,18 @@ def generate_hf(model, input_ids, attention_mask, config: GenerationConfig) -> G
     if not callable(model) or not hasattr(model, "config"):
         raise TypeError(f"generate: expected a fastrlhf CausalLM or a transformers causal LM, got {type(model).__name__}")
     dev = next(model.parameters()).device
-    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    params = inspect.signature(model.forward).parameters
+    cache_kw = "cache" if "cache" in params else "past_key_values"
+    last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # no [B, P, V] prefill logits
     input_ids = input_ids.to(dev)
-    plan = _Plan(input_ids, attention_mask, config, model.config)
+    plan = _Plan(input_ids, attention_mask, config, model)
     B, L = plan.B, plan.L
     mask = plan.mask.to(dev)
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: prompts start at position 0
 
     dec = Decoder(plan, input_ids)
     with plan.timed("prefill"):
-        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **last_only)
         past, logits = getattr(out, cache_kw), out.logits[:, -1].float()  # (B, V)
     rows = torch.arange(B, device=dev)
     next_pos = positions[:, -1] + 1  # (B,)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 _IGNORED_KEYS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
@@ -49,9 +50,11 @@ def write_safetensors(path, tensors: dict[str, torch.Tensor], *, metadata: dict 
               metadata={"format": "pt", **(metadata or {})})
 
 
-def build_and_load(cls, config, state_dict: dict, *, dtype=None, device=None, strict: bool = True, **kwargs):
+def build_and_load(cls, config, state_dict: dict, *, dtype=None, device=None, strict: bool = True, copy: bool = False,
+                   **kwargs):
     """``cls(config, **kwargs)`` built without initializing weights (meta device), then given the
-    tensors of ``state_dict`` (cast to ``dtype``, moved to ``device``)."""
+    tensors of ``state_dict`` (cast to ``dtype``, moved to ``device``; ``copy=True``: never the
+    caller's own storage, e.g. when the tensors belong to another live model)."""
     from fastrlhf.models.llama import rope_inv_freq
 
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -67,8 +70,8 @@ def build_and_load(cls, config, state_dict: dict, *, dtype=None, device=None, st
     if strict and (missing or unexpected):
         raise ValueError(f"fastrlhf: checkpoint does not match {cls.__name__}: missing {missing[:6]}, "
                          f"unexpected {unexpected[:6]}")
-    params = {k: v.to(device=device, dtype=dtype if (dtype and v.is_floating_point()) else v.dtype) for k, v in sd.items()
-              if k in expected}
+    params = {k: v.to(device=device, dtype=dtype if (dtype and v.is_floating_point()) else v.dtype, copy=copy)
+              for k, v in sd.items() if k in expected}
     model.load_state_dict(params, strict=False, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -96,6 +99,8 @@ def save_causal_lm(model, path, *, dtype=None) -> None:
     write_safetensors(path / WEIGHTS, sd)
     cfg = config_to_hf_dict(model.config, dtype or model.dtype)
     (path / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
+    if getattr(model, "generation_config", None):
+        (path / GENERATION_CONFIG).write_text(json.dumps(model.generation_config, indent=2) + "\n")
 
 
 def load_causal_lm(cls, path, *, dtype=None, device=None):
@@ -105,4 +110,8 @@ def load_causal_lm(cls, path, *, dtype=None, device=None):
     sd = read_safetensors(path)
     if dtype is None:
         dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)
-    return build_and_load(cls, config, sd, dtype=dtype, device=device)
+    model = build_and_load(cls, config, sd, dtype=dtype, device=device)
+    gen = Path(path) / GENERATION_CONFIG
+    if gen.exists():  # sampling defaults, e.g. the chat end tokens of instruct models (generate reads them)
+        model.generation_config = json.loads(gen.read_text())
+    return model

@@ -61,8 +61,11 @@ class ValueModel(nn.Module):
     @classmethod
     def from_causal_lm(cls, lm: CausalLM) -> "ValueModel":
         """Start from a language model's trunk (the usual critic / reward-model init); new head."""
+        from fastrlhf.models.lora import merged_state_dict
+
         out = cls(lm.config).to(device=lm.device, dtype=lm.dtype)
-        out.model.load_state_dict(lm.model.state_dict())
+        trunk = {k[len("model."):]: v for k, v in merged_state_dict(lm).items() if k.startswith("model.")}
+        out.model.load_state_dict(trunk)  # LoRA adapters of lm, if any, merged in
         return out
 
     @property
@@ -90,7 +93,8 @@ class ValueModel(nn.Module):
         write_safetensors(path / WEIGHTS, sd)
         d = config_to_hf_dict(self.config, dtype or self.dtype)
         prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[self.config.model_type]
-        d.update(architectures=[prefix + self.architecture], num_labels=1, tie_word_embeddings=False)
+        d.update(architectures=[prefix + self.architecture], num_labels=1, tie_word_embeddings=False,
+                 token_classification_bias=False)  # our score head has no bias
         (path / CONFIG).write_text(json.dumps(d, indent=2) + "\n")
 
     @classmethod

@@ -6,6 +6,7 @@ writing checkpoint directories needs only ``safetensors``.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import torch
@@ -17,8 +18,7 @@ _MAPPED = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers"
            "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_scaling",
            "rope_parameters", "tie_word_embeddings", "attention_bias", "mlp_bias", "initializer_range",
            "bos_token_id", "eos_token_id", "pad_token_id", "model_type", "architectures", "hidden_act",
-           "torch_dtype", "dtype", "transformers_version", "sliding_window", "use_sliding_window",
-           "max_window_layers", "layer_types", "attention_dropout", "pretraining_tp", "use_cache"}
+           "torch_dtype", "dtype", "transformers_version", "attention_dropout", "pretraining_tp", "use_cache"}
 
 
 def config_from_hf_dict(d: dict) -> CausalLMConfig:
@@ -79,7 +79,7 @@ def config_to_hf_dict(c: CausalLMConfig, dtype: torch.dtype = torch.float32) -> 
     rope_parameters = {"rope_type": "default", "rope_theta": c.rope_theta}
     if c.rope_scaling is not None:
         rope_parameters = {**c.rope_scaling, "rope_theta": c.rope_theta}
-    d = dict(c.extra)
+    d = copy.deepcopy(c.extra)  # transformers edits the dicts it is given
     d.update(
         architectures=[ARCHITECTURES[c.model_type]],
         model_type=c.model_type,
@@ -94,7 +94,7 @@ def config_to_hf_dict(c: CausalLMConfig, dtype: torch.dtype = torch.float32) -> 
         max_position_embeddings=c.max_position_embeddings,
         rms_norm_eps=c.rms_norm_eps,
         rope_theta=c.rope_theta,
-        rope_scaling=c.rope_scaling,
+        rope_scaling=copy.deepcopy(c.rope_scaling),
         rope_parameters=rope_parameters,
         tie_word_embeddings=c.tie_word_embeddings,
         initializer_range=c.initializer_range,
@@ -106,9 +106,10 @@ def config_to_hf_dict(c: CausalLMConfig, dtype: torch.dtype = torch.float32) -> 
     if c.model_type == "llama":
         d.update(attention_bias=c.attention_bias, mlp_bias=c.mlp_bias)
     elif c.model_type == "mistral":
-        d.update(sliding_window=None)
+        d.setdefault("sliding_window", None)  # the original window, if it came from one, travels in extra
     else:
-        d.update(use_sliding_window=False, sliding_window=None)
+        d.setdefault("use_sliding_window", False)
+        d.setdefault("sliding_window", None)
     return d
 
 
@@ -131,7 +132,11 @@ def causal_lm_from_hf(cls, model_or_path, *, dtype=None, device=None):
     config = config_from_hf_dict(hf.config.to_dict())
     sd = hf.state_dict()
     first = next(iter(sd.values()))
-    return build_and_load(cls, config, sd, dtype=dtype or first.dtype, device=device or first.device)
+    model = build_and_load(cls, config, sd, dtype=dtype or first.dtype, device=device or first.device, copy=True)
+    gen = getattr(hf, "generation_config", None)
+    if gen is not None and hasattr(gen, "to_diff_dict"):
+        model.generation_config = {k: v for k, v in gen.to_diff_dict().items() if not k.startswith("_")}
+    return model
 
 
 def causal_lm_to_hf(model):
@@ -144,7 +149,7 @@ def causal_lm_to_hf(model):
     d.pop("torch_dtype")
     hf_config = transformers.AutoConfig.for_model(model_type, **d)
     hf = transformers.AutoModelForCausalLM.from_config(hf_config).to(device=model.device, dtype=model.dtype)
-    sd = merged_state_dict(model)
+    sd = {k: v.detach().clone() for k, v in merged_state_dict(model).items()}  # the HF model owns its weights
     if model.config.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     missing, unexpected = hf.load_state_dict(sd, strict=False)

@@ -80,6 +80,9 @@ class CausalLMConfig:
             kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if kind not in ("default", "llama3"):
                 raise ValueError(f"CausalLMConfig: rope_scaling type {kind!r} is not supported (default, llama3)")
+            need = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            if kind == "llama3" and not need <= set(self.rope_scaling):
+                raise ValueError(f"CausalLMConfig: llama3 rope_scaling needs {sorted(need)}, got {sorted(self.rope_scaling)}")
 
     @property
     def num_parameters_estimate(self) -> int:
@@ -136,8 +139,8 @@ def rope_inv_freq(config: CausalLMConfig) -> torch.Tensor:
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
     rs = config.rope_scaling or {}
     if rs.get("rope_type", rs.get("type")) == "llama3":
-        factor, lo, hi = rs["factor"], rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
-        old_len = rs.get("original_max_position_embeddings", 8192)
+        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+        old_len = rs["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)  # long waves: stretched
         smooth = (old_len / wavelen - lo) / (hi - lo)
@@ -391,6 +394,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.generation_config: dict | None = None  # generation_config.json of a checkpoint: stop / pad defaults
         self.apply(self._init_weights)
 
     @property
@@ -462,7 +466,10 @@ class CausalLM(nn.Module):
         ``[B, T, V]`` logits are never materialized. Entries whose target is padding are
         meaningless; mask them with ``attention_mask[:, 1:]``."""
         hidden = self(input_ids, attention_mask, return_hidden=True)  # (B, T, C)
-        return ops.linear_token_logprobs(hidden[:, :-1], self.lm_head.weight, input_ids[:, 1:],
+        weight = self.lm_head.weight
+        if hasattr(self.lm_head, "delta_weight"):  # a LoRA adapter on the LM head
+            weight = weight + self.lm_head.delta_weight().to(weight.dtype)
+        return ops.linear_token_logprobs(hidden[:, :-1], weight, input_ids[:, 1:],
                                          temperature=temperature, return_entropy=return_entropy,
                                          chunk_size=chunk_size)
 

@@ -168,13 +168,21 @@ def load_lora(model: nn.Module, path, *, freeze_base: bool = True) -> nn.Module:
     if not (path / ADAPTER_CONFIG).exists():
         raise FileNotFoundError(f"load_lora: {path / ADAPTER_CONFIG} not found")
     cfg = json.loads((path / ADAPTER_CONFIG).read_text())
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("bias", "none") != "none":
-        raise ValueError(f"load_lora: only plain LoRA adapters without bias are supported, got {cfg}")
+    unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                               "modules_to_save") if cfg.get(k)]
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("bias", "none") != "none" or unsupported:
+        raise ValueError(f"load_lora: only plain LoRA adapters (no bias, one r and alpha for every module) are "
+                         f"supported; this one sets {unsupported or cfg.get('peft_type')} ")
     targets = cfg["target_modules"]
-    targets = [targets] if isinstance(targets, str) else targets
-    if not lora_modules(model):
+    if isinstance(targets, str):  # PEFT reads a string as a regex (or "all-linear")
+        raise ValueError(f"load_lora: target_modules {targets!r} is a pattern; list the module names instead")
+    existing = lora_modules(model)
+    if not existing:
         apply_lora(model, r=cfg["r"], alpha=cfg["lora_alpha"], dropout=cfg.get("lora_dropout", 0.0),
                    target_modules=targets, freeze_base=freeze_base)
+    elif any(m.r != cfg["r"] or m.alpha != cfg["lora_alpha"] for _, m in existing):
+        raise ValueError(f"load_lora: the model's adapters have other r / alpha than the saved ones "
+                         f"(r={cfg['r']}, alpha={cfg['lora_alpha']})")
     tensors = load_file(str(path / ADAPTER_WEIGHTS))
     modules = dict(lora_modules(model))
     loaded = set()

@@ -90,6 +90,9 @@ class Tokenizer:
                                     "slow one with transformers: AutoTokenizer.from_pretrained(d).save_pretrained(d))")
         backend = Backend.from_file(str(path / TOKENIZER_FILE))
         cfg = json.loads((path / TOKENIZER_CONFIG).read_text()) if (path / TOKENIZER_CONFIG).exists() else {}
+        if (path / "special_tokens_map.json").exists():  # older directories keep the special tokens there
+            for k, v in json.loads((path / "special_tokens_map.json").read_text()).items():
+                cfg.setdefault(k, v)
         template = cfg.get("chat_template")
         if isinstance(template, list):  # named templates: take the default one
             template = next((t["template"] for t in template if t.get("name") == "default"), None)
@@ -152,24 +155,28 @@ class Tokenizer:
         return self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)
 
     def __call__(self, texts: str | Sequence[str], *, padding_side: str = "left", max_length: int | None = None,
-                 add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
+                 truncation_side: str = "right", add_special_tokens: bool = True) -> dict[str, torch.Tensor]:
         """Encode and pad a batch -> ``{"input_ids": [B, T] int64, "attention_mask": [B, T] int64}``.
-        ``padding_side="left"`` is what generation wants; ``max_length`` truncates from the left
-        on that side (keeps the end of a prompt), from the right otherwise."""
+        ``padding_side="left"`` is what generation wants. ``max_length`` truncates rows longer than
+        it on ``truncation_side`` (``"right"`` as transformers; ``"left"`` keeps a prompt's end)."""
         if isinstance(texts, str):
             texts = [texts]
         rows = [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
-        return self.pad(rows, padding_side=padding_side, max_length=max_length)
+        return self.pad(rows, padding_side=padding_side, max_length=max_length, truncation_side=truncation_side)
 
-    def pad(self, rows: Sequence[Sequence[int]], *, padding_side: str = "left",
-            max_length: int | None = None) -> dict[str, torch.Tensor]:
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"Tokenizer: padding_side must be 'left' or 'right', got {padding_side!r}")
+    def pad(self, rows: Sequence[Sequence[int]], *, padding_side: str = "left", max_length: int | None = None,
+            truncation_side: str = "right") -> dict[str, torch.Tensor]:
+        for name, side in (("padding_side", padding_side), ("truncation_side", truncation_side)):
+            if side not in ("left", "right"):
+                raise ValueError(f"Tokenizer: {name} must be 'left' or 'right', got {side!r}")
         pad_id = self.pad_token_id
         if pad_id is None:
             raise ValueError("Tokenizer: no pad_token (or eos_token) to pad with")
         if max_length is not None:
-            rows = [r[-max_length:] if padding_side == "left" else r[:max_length] for r in rows]
+            if max_length < 1:
+                raise ValueError(f"Tokenizer: max_length must be >= 1, got {max_length}")
+            rows = [r[len(r) - max_length:] if truncation_side == "left" and len(r) > max_length else r[:max_length]
+                    for r in rows]
         T = max((len(r) for r in rows), default=0)
         ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), T), dtype=torch.long)

@@ -18,7 +18,9 @@ scalar"). Returns ``SampleOutput(tokens [B] int64, logprobs [B], raw_logprobs [B
 plain temperature-1 log-softmax of the unmodified logits at the token (both fp32).
 
 Randomness: Philox keyed by ``seed``; the counter is ``(offset, row)``, so a call is
-reproducible and a row's draw does not depend on the other rows. ``seed=None`` takes one from
+reproducible and a row's draw does not depend on the other rows. ``row_ids [B]`` (int64) replaces
+the row index in the counter: a generation loop that drops finished rows passes each row's
+original index, so its draws do not depend on which other rows are still in the batch. ``seed=None`` takes one from
 torch's default generator (``torch.manual_seed`` makes it reproducible). Advance ``offset`` per
 decoding step. CPU and CUDA draw different tokens from the same distribution.
 
@@ -110,6 +112,7 @@ def sample(
     token_history: torch.Tensor | None = None,
     seed: int | None = None,
     offset: int = 0,
+    row_ids: torch.Tensor | None = None,
     validate: bool = True,
     impl: Impl = "auto",
 ) -> SampleOutput:
@@ -138,6 +141,14 @@ def sample(
         token_history = token_history.long()
         if validate and token_history.numel() and ((token_history < -1) | (token_history >= V)).any():
             raise ValueError(f"fastrlhf.ops.{op}: token_history ids must be in [0, V) = [0, {V}) or -1 (padding)")
+    if row_ids is not None:
+        check_tensor(op, "row_ids", row_ids, ndim=1, floating=False)
+        if row_ids.shape[0] != B or row_ids.device != logits.device or row_ids.is_floating_point():
+            raise ValueError(f"fastrlhf.ops.{op}: row_ids must be an integer [B] = [{B}] tensor on {logits.device}, "
+                             f"got {tuple(row_ids.shape)} {row_ids.dtype} on {row_ids.device}")
+        row_ids = row_ids.long()
+        if validate and bool((row_ids < 0).any()):
+            raise ValueError(f"fastrlhf.ops.{op}: row_ids must be >= 0")
     if seed is None:
         seed = int(torch.randint(0, 2**62, (1,)).item())
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**63:
@@ -146,11 +157,12 @@ def sample(
         raise ValueError(f"fastrlhf.ops.{op}: offset must be an int in [0, 2**63), got {offset!r}")
     if use_kernel(op, impl, logits.device, logits.dtype):
         flat = [x for name in _PARAMS for x in args[name]]
-        return SampleOutput(*torch.ops.fastrlhf.sample.default(logits, *flat, token_history, seed, offset))
+        return SampleOutput(*torch.ops.fastrlhf.sample.default(logits, *flat, token_history, seed, offset, row_ids))
     if validate and torch.isnan(logits).any():
         raise ValueError(f"fastrlhf.ops.{op}: logits contain NaN")
     kw = {name: (t if t is not None else v) for name, (t, v) in args.items()}
-    return SampleOutput(*reference.sample(logits, seed=seed, offset=offset, token_history=token_history, **kw))
+    return SampleOutput(*reference.sample(logits, seed=seed, offset=offset, row_ids=row_ids, token_history=token_history,
+                                          **kw))
 
 
 if _ext.extension_available():

@@ -65,12 +65,19 @@ def processed_distribution(
     return q
 
 
-def sample(logits, *, seed: int = 0, offset: int = 0, **params):
+def sample(logits, *, seed: int = 0, offset: int = 0, row_ids=None, **params):
     """-> (tokens [B], logprobs [B], raw_logprobs [B]) drawn with torch.multinomial from
-    processed_distribution (a different random stream than the kernel's)."""
+    processed_distribution (a different random stream than the kernel's). With ``row_ids``, each
+    row draws from its own generator keyed by (seed, offset, row id)."""
     q = processed_distribution(logits, **params)
-    g = torch.Generator(device=logits.device).manual_seed((seed * 1_000_003 + offset) % (2**63))
-    tokens = torch.multinomial(q, 1, generator=g).squeeze(1)
+    if row_ids is None:
+        g = torch.Generator(device=logits.device).manual_seed((seed * 1_000_003 + offset) % (2**63))
+        tokens = torch.multinomial(q, 1, generator=g).squeeze(1)
+    else:
+        tokens = torch.empty(q.shape[0], dtype=torch.long, device=q.device)
+        for b, r in enumerate(row_ids.tolist()):
+            g = torch.Generator(device=logits.device).manual_seed(((seed * 1_000_003 + offset) * 7_919 + r) % (2**63))
+            tokens[b] = torch.multinomial(q[b], 1, generator=g)[0]
     logprobs = torch.log(q.gather(1, tokens[:, None]).squeeze(1)).float()
     raw = torch.log_softmax(logits.to(torch.float64), -1).gather(1, tokens[:, None]).squeeze(1).float()
     return tokens, logprobs, raw
