@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../attention.h"
+#include "simd.h"
 
 namespace fastrlhf::kernels::attention {
 namespace {
@@ -182,33 +183,71 @@ const A* as_acc_rows(const S* base, int64_t j0, int64_t n, int64_t stride, int64
   }
 }
 
-// s[jj] = q . k_jj for n keys (rows ld apart); four keys per pass so that four independent
-// accumulations (and one horizontal reduction each) overlap.
+// Ask for keys [j0, j1) of K and V ahead of their use (the hardware prefetcher alone leaves the
+// first row of a tile waiting on memory).
+template <typename S>
+void prefetch_rows(const S* K, const S* V, int64_t j0, int64_t j1, int64_t stride, int64_t D) {
+  constexpr int64_t kLine = 64 / sizeof(S);
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t d = 0; d < D; d += kLine) {
+      __builtin_prefetch(K + j * stride + d, 0, 1);  // into L2: the current tile owns L1
+      __builtin_prefetch(V + j * stride + d, 0, 1);
+    }
+}
+
+// s[r * ls + jj] = q_r . k_jj for rows r < nr (q rows D apart) and keys jj < n (rows ld apart).
+// Keys in blocks of four, all rows per block: the block's K rows stay in L1 while every row
+// uses them (K streams from memory once, evenly), and four independent accumulations overlap.
 template <typename A>
-void dot_keys(const A* __restrict q, const A* __restrict k, int64_t ld, int64_t n, int64_t D, A* __restrict s) {
+void dot_keys(const A* __restrict q, int64_t nr, const A* __restrict k, int64_t ld, int64_t n, int64_t D,
+              A* __restrict s, int64_t ls) {
   int64_t jj = 0;
   for (; jj + 4 <= n; jj += 4) {
     const A* __restrict k0 = k + jj * ld;
     const A* __restrict k1 = k0 + ld;
     const A* __restrict k2 = k1 + ld;
     const A* __restrict k3 = k2 + ld;
-    A a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-    for (int64_t d = 0; d < D; ++d) {
-      const A qd = q[d];
-      a0 += qd * k0[d];
-      a1 += qd * k1[d];
-      a2 += qd * k2[d];
-      a3 += qd * k3[d];
+    int64_t r = 0;
+    if constexpr (std::is_same_v<A, float>) {  // explicit vectors, two rows at a time
+      const int64_t Dv = D & ~int64_t(15);
+      for (; r + 2 <= nr && Dv == D; r += 2) {
+        const float* __restrict q0 = q + r * D;
+        const float* __restrict q1 = q0 + D;
+        cpu::f32x16 a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
+        for (int64_t d = 0; d < D; d += 16) {
+          const cpu::f32x16 x0 = cpu::load16(k0 + d), x1 = cpu::load16(k1 + d), x2 = cpu::load16(k2 + d),
+                            x3 = cpu::load16(k3 + d), u = cpu::load16(q0 + d), w = cpu::load16(q1 + d);
+          a0 += u * x0, a1 += u * x1, a2 += u * x2, a3 += u * x3;
+          b0 += w * x0, b1 += w * x1, b2 += w * x2, b3 += w * x3;
+        }
+        cpu::hsum4(a0, a1, a2, a3, s + r * ls + jj);
+        cpu::hsum4(b0, b1, b2, b3, s + (r + 1) * ls + jj);
+      }
     }
-    s[jj] = a0, s[jj + 1] = a1, s[jj + 2] = a2, s[jj + 3] = a3;
+    for (; r < nr; ++r) {
+      const A* __restrict qr = q + r * D;
+      A a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t d = 0; d < D; ++d) {
+        const A qd = qr[d];
+        a0 += qd * k0[d];
+        a1 += qd * k1[d];
+        a2 += qd * k2[d];
+        a3 += qd * k3[d];
+      }
+      A* sr = s + r * ls + jj;
+      sr[0] = a0, sr[1] = a1, sr[2] = a2, sr[3] = a3;
+    }
   }
   for (; jj < n; ++jj) {
     const A* __restrict kj = k + jj * ld;
-    A a = 0;
+    for (int64_t r = 0; r < nr; ++r) {
+      const A* __restrict qr = q + r * D;
+      A a = 0;
 #pragma omp simd reduction(+ : a)
-    for (int64_t d = 0; d < D; ++d) a += q[d] * kj[d];
-    s[jj] = a;
+      for (int64_t d = 0; d < D; ++d) a += qr[d] * kj[d];
+      s[r * ls + jj] = a;
+    }
   }
 }
 
@@ -244,8 +283,8 @@ void accumulate_values(const A* __restrict p, const A* __restrict v, int64_t ld,
 
 // Decode (few query rows per sequence): one task per (sequence, kv head) holding the rows of
 // all query heads of its group, so K and V are read from memory once per group (straight from
-// the cache when it is fp32); per L1-sized tile of keys and per row: scores by dot products, the
-// online softmax of forward(), then P.V with the accumulators held in registers.
+// the cache when it is fp32, the next tile prefetched); per L1-sized tile of keys: scores of all
+// rows, then per row the online softmax of forward() and P.V with accumulators in registers.
 template <typename S>
 void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
   using A = acc_t<S>;
@@ -280,11 +319,12 @@ void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
         int64_t kld = 0, vld = 0;
         const A* kt = as_acc_rows(K, j0, n, p.k_row_stride, D, kbuf.data(), &kld);
         const A* vt = as_acc_rows(V, j0, n, p.k_row_stride, D, vbuf.data(), &vld);
+        prefetch_rows(K, V, std::min(j1, k_hi), std::min(j1 + tile, k_hi), p.k_row_stride, D);
+        dot_keys(q.data(), nr, kt, kld, n, D, s.data(), kBK);  // every row against the whole tile
         for (int64_t r = 0; r < nr; ++r) {
           const int64_t vis = std::min(j1, vis_end[r]) - j0;  // visible keys of this row in the tile
           if (vis <= 0) continue;
           A* sr = s.data() + r * kBK;
-          dot_keys(q.data() + r * D, kt, kld, vis, D, sr);
           A tile_max = neg_inf<A>();
           for (int64_t jj = 0; jj < vis; ++jj) tile_max = sr[jj] > tile_max ? sr[jj] : tile_max;
           const A m_new = tile_max > m[r] ? tile_max : m[r];
