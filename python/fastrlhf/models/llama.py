@@ -113,6 +113,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):  # (..., C) -> (..., C)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # one fused op
+            return F.rms_norm(x, (x.shape[-1],), self.weight, eps=self.eps)
         y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
         return self.weight * y
 
@@ -240,9 +242,10 @@ class Attention(nn.Module):
             y = ops.attention(q, k, v, causal=True, key_lengths=layout.key_lengths)
         else:  # decode: append T new positions per row, attend to the whole valid cache
             kc, vc = layout.cache.k[self.layer_idx], layout.cache.v[self.layer_idx]
-            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
-            kc[rows, :, layout.write_pos] = k.transpose(1, 2)  # (B, T, Hkv, D) into (B, Hkv, Tmax, D)
-            vc[rows, :, layout.write_pos] = v.transpose(1, 2)
+            # positions write_pos (B, T) of every kv head: scatter along time, index (B, Hkv, T, D)
+            idx = layout.write_pos[:, None, :, None].expand(B, Hkv, T, D)
+            kc.scatter_(2, idx, k)
+            vc.scatter_(2, idx, v)
             y = ops.decode_attention(q, kc, vc, layout.new_lengths, validate=False)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H*D)
         return linear(self.o_proj, y)
