@@ -1,6 +1,6 @@
 # fastrlhf: the two commands of README.md, plus helpers.
 #   make test   create .venv if missing, install torch + build tools, build the extension, run pytest
-#   make demo   the main job (until the trainers land: the RL-kernel benchmarks, ~3 minutes)
+#   make demo   the main job (until the trainers land: the RL-kernel and generation benchmarks, ~4 minutes)
 #   make bench  every benchmark, one table (writes bench/results/)
 PYTHON ?= python3
 VENV ?= .venv
@@ -35,9 +35,10 @@ test-cuda: build
 	$(PY) -m pytest -q -m cuda
 
 demo: build
-	@echo "fastrlhf demo: the RLHF loop (trainers) is not built yet; running the RL-kernel benchmarks"
-	@echo "instead (advantages, losses, sampling: kernel vs the PyTorch code trainers use, one table)."
-	$(PY) bench/all.py --only gae,group_advantages,whiten,td_targets,losses,sample $(BENCH_ARGS)
+	@echo "fastrlhf demo: the RLHF loop (trainers) is not built yet; running the RL-kernel and generation"
+	@echo "benchmarks instead (advantages, losses, sampling: kernel vs the PyTorch code trainers use;"
+	@echo "generate vs Hugging Face transformers on the same weights; one table)."
+	$(PY) bench/all.py --only gae,group_advantages,whiten,td_targets,losses,sample,generate $(BENCH_ARGS)
 
 bench: build
 	$(PY) bench/all.py $(BENCH_ARGS)

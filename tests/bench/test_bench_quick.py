@@ -9,7 +9,7 @@ import sys
 import pytest
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
-SCRIPTS = ["gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "sample", "attention"]
+SCRIPTS = ["gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "sample", "attention", "generate"]
 PROVIDERS = {
     "gae": {"kernel", "loop", "vectorized", "reference"},
     "group_advantages": {"kernel", "eager", "reference"},
@@ -19,6 +19,7 @@ PROVIDERS = {
     "losses": {"kernel", "eager"},
     "sample": {"kernel", "sort_based", "reference"},
     "attention": {"kernel", "sdpa", "reference"},
+    "generate": {"fastrlhf", "fastrlhf_hf_adapter", "transformers"},
 }
 
 
