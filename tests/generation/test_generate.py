@@ -49,6 +49,16 @@ def test_logprobs_match_training_forward(settings):
     assert torch.equal(out.logprobs[~rm], torch.zeros_like(out.logprobs[~rm]))
 
 
+def test_outputs_feed_a_training_forward():
+    """Generation outputs are ordinary tensors: a policy-gradient step can use them directly."""
+    model = tiny_model().train()
+    ids, mask = left_padded(2, 5, 97, [5, 3])
+    out = generate(model, ids, mask, max_new_tokens=4, seed=0)
+    lp = model.token_logprobs(out.sequences, out.attention_mask)[:, out.prompt_length - 1:]
+    (-(lp * out.response_mask).sum()).backward()
+    assert model.lm_head.weight.grad is not None
+
+
 def test_sampling_logprobs_are_of_the_processed_distribution():
     model = tiny_model()
     ids, mask = left_padded(5, 9, 97, LENGTHS)

@@ -235,7 +235,7 @@ class Decoder:
 # native path
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the outputs feed training forwards (autograd)
 def _generate_native(model, input_ids, attention_mask, config: GenerationConfig) -> GenerationOutput:
     input_ids = input_ids.to(model.device)
     plan = _Plan(input_ids, attention_mask, config, model)

@@ -18,7 +18,7 @@ from fastrlhf.generation.config import GenerationConfig, GenerationOutput
 from fastrlhf.generation.engine import Decoder, _Plan
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the outputs feed training forwards (autograd)
 def generate_hf(model, input_ids, attention_mask, config: GenerationConfig) -> GenerationOutput:
     if not callable(model) or not hasattr(model, "config"):
         raise TypeError(f"generate: expected a fastrlhf CausalLM or a transformers causal LM, got {type(model).__name__}")
