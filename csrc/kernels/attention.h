@@ -74,6 +74,7 @@ FRL_HD int64_t visible_end(const Seq& s, int64_t i, bool causal) {
 
 }  // namespace fastrlhf::kernels::attention
 
+#include "cpu/blas.h"
 #include "cpu/parallel.h"
 #if defined(FASTRLHF_WITH_CUDA)
 #include <cuda_runtime_api.h>
@@ -82,8 +83,8 @@ FRL_HD int64_t visible_end(const Seq& s, int64_t i, bool causal) {
 namespace fastrlhf::kernels::attention {
 // CPU: parallel over (sequence, head, query block) for the forward and dQ, over (sequence, kv
 // head, key block) for dK/dV; key tiles skipped where the causal mask hides them entirely.
-Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
-Status launch_backward_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
+Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for, const cpu::Blas& blas);
+Status launch_backward_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for, const cpu::Blas& blas);
 // Few query rows per sequence (decode): one task per (sequence, kv head) covering the group's
 // query heads, K and V streamed once, no staging.
 Status launch_decode_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);

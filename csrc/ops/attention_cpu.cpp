@@ -16,7 +16,7 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
   Tensor lse = at::empty(c.lse_shape, q.options().dtype(acc_type(q.scalar_type())));
   c.params.o = out.data_ptr();
   c.params.lse = static_cast<float*>(lse.data_ptr());
-  check_status(k::attention::launch_cpu(c.params, c.dtype, torch_parallel_for()), "attention");
+  check_status(k::attention::launch_cpu(c.params, c.dtype, torch_parallel_for(), torch_blas()), "attention");
   return {out, lse};
 }
 
@@ -37,7 +37,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
   p.dout = g.const_data_ptr();
   p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
   p.delta = delta.data_ptr();
-  check_status(k::attention::launch_backward_cpu(p, c.dtype, torch_parallel_for()), "attention_backward");
+  check_status(k::attention::launch_backward_cpu(p, c.dtype, torch_parallel_for(), torch_blas()), "attention_backward");
   return {dq, dk, dv};
 }
 

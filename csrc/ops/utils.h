@@ -6,13 +6,16 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
+#include <type_traits>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
 #include "kernels/common.h"
+#include "kernels/cpu/blas.h"
 #include "kernels/cpu/parallel.h"
 
 namespace fastrlhf::ops {
@@ -68,6 +71,45 @@ inline k::cpu::ParallelFor torch_parallel_for() {
     at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { body(b, e); });
   };
 }
+
+// The BLAS torch links (MKL on x86 wheels, OpenBLAS elsewhere) for kernels that multiply tiles
+// (csrc/kernels/cpu/blas.h). Its Fortran sgemm_/dgemm_ are called directly when the torch
+// library exports them (weak symbols: no load failure where it does not), else ATen's addmm on
+// views of the buffers. Inside an at::parallel_for region the BLAS runs single-threaded.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
+            const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
+            const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+}
+
+template <typename T>
+k::cpu::Gemm<T> torch_gemm() {
+  return [](bool ta, bool tb, int64_t m, int64_t n, int64_t kk, T alpha, const T* a, int64_t lda, const T* b,
+            int64_t ldb, T beta, T* c, int64_t ldc) {
+    auto* fortran = [] {
+      if constexpr (std::is_same_v<T, float>) return sgemm_;
+      else return dgemm_;
+    }();
+    constexpr int64_t kMaxInt = 2147483647;
+    if (fortran != nullptr && std::max({m, n, kk, lda, ldb, ldc}) <= kMaxInt) {
+      // column-major BLAS: the row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T
+      const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
+      const int M = int(n), N = int(m), K = int(kk), LDA = int(ldb), LDB = int(lda), LDC = int(ldc);
+      fortran(&tra, &trb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+      return;
+    }
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    auto view = [&](const T* ptr, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+      Tensor t = at::from_blob(const_cast<T*>(ptr), {trans ? cols : rows, trans ? rows : cols}, {ld, 1}, opts);
+      return trans ? t.t() : t;
+    };
+    Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+    C.addmm_(view(a, m, kk, lda, ta), view(b, kk, n, ldb, tb), beta, alpha);  // beta = 0 ignores C
+  };
+}
+
+inline k::cpu::Blas torch_blas() { return k::cpu::Blas{torch_gemm<float>(), torch_gemm<double>()}; }
 
 // Large CPU outputs are written once right after allocation, so first-touch page faults (and
 // the kernel zeroing each 4 KiB page) can cost more than the op itself. Ask Linux for

@@ -1,13 +1,14 @@
 // CPU launchers for attention (semantics in ../attention.h).
 //
-// Forward, per (sequence, head, block of kBQ query rows): the rows (pre-scaled) and each tile of
-// kBK keys are staged in fp32 buffers, K transposed, so that scores are outer-product
-// accumulations vectorized over the tile's keys and P.V accumulations vectorized over D; an
-// online softmax (running max, sum, rescaled accumulator) per row. Tiles entirely hidden by the
-// causal mask or outside the key range are skipped.
-// Backward (recompute from lse): delta = rowsum(dO * O); dQ per (sequence, head, query block);
-// dK, dV per (sequence, kv head, key block) looping over the query heads of its group. Each
-// output element is written by one task in a fixed order: deterministic.
+// Training forward and backward multiply tiles with the BLAS the torch glue injects
+// (cpu/blas.h): per (sequence, head, block of query rows), S = scale Q K^T and the P V / dS K
+// products on chunks of keys are GEMMs; the online softmax, masks and exp run between them,
+// vectorized. Chunks wholly hidden by the causal mask or outside the key range are skipped.
+// The backward recomputes P from the saved lse: dQ per query block, dK/dV per key block looping
+// over the query heads of its group. Each output element is written by one task in a fixed
+// order: deterministic.
+// Decode (few query rows): K and V streamed once per (sequence, kv head) by hand-vectorized
+// dot products and register-held P.V accumulators (a GEMM call per row would cost more).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -20,8 +21,7 @@
 namespace fastrlhf::kernels::attention {
 namespace {
 
-constexpr int64_t kBQ = 32;   // query rows per task
-constexpr int64_t kBK = 64;   // keys per tile
+constexpr int64_t kBK = 64;  // keys per decode tile, at most
 
 template <typename A>
 constexpr A neg_inf() { return -std::numeric_limits<A>::infinity(); }
@@ -40,131 +40,6 @@ std::vector<Task> tasks_for(const Params& p, int64_t heads, int64_t rows_per_blo
       for (int64_t blk = 0; blk < n_blocks; ++blk) t.push_back(Task{b, h, blk});
   }
   return t;
-}
-
-template <typename S, typename A>
-struct Buffers {
-  std::vector<A> q, kt, v, vt, s, acc, m, l;
-  explicit Buffers(int64_t D) : q(kBQ * D), kt(D * kBK), v(kBK * D), vt(D * kBK), s(kBQ * kBK), acc(kBQ * D), m(kBQ), l(kBQ) {}
-};
-
-// Stage keys [j0, j1) of (sequence, kv head): kt[d][jj] (transposed) and, optionally, v rows
-// v[jj][d], vt[d][jj] and k rows kr[jj][d]. Missing columns (jj >= j1 - j0) are zero.
-template <typename S, typename A>
-void stage_keys(const Params& p, const Seq& sq, int64_t hk, int64_t j0, int64_t j1, A* kt, A* v, A* vt,
-                A* kr = nullptr) {
-  const int64_t D = p.D, n = j1 - j0;
-  const S* K = static_cast<const S*>(p.k) + sq.k_off + hk * p.k_head_stride;
-  const S* V = static_cast<const S*>(p.v) + sq.k_off + hk * p.k_head_stride;
-  if (kr) {
-    for (int64_t jj = 0; jj < kBK; ++jj)
-      for (int64_t d = 0; d < D; ++d) kr[jj * D + d] = jj < n ? load<A>(K + (j0 + jj) * p.k_row_stride + d) : A(0);
-  }
-  for (int64_t d = 0; d < D; ++d) {
-    for (int64_t jj = 0; jj < kBK; ++jj) kt[d * kBK + jj] = jj < n ? load<A>(K + (j0 + jj) * p.k_row_stride + d) : A(0);
-  }
-  if (v) {
-    for (int64_t jj = 0; jj < kBK; ++jj)
-      for (int64_t d = 0; d < D; ++d) v[jj * D + d] = jj < n ? load<A>(V + (j0 + jj) * p.k_row_stride + d) : A(0);
-  }
-  if (vt) {
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t jj = 0; jj < kBK; ++jj) vt[d * kBK + jj] = jj < n ? load<A>(V + (j0 + jj) * p.k_row_stride + d) : A(0);
-  }
-}
-
-// s[jj] = sum_d q[d] * kt[d][jj] for one query row (q pre-scaled)
-template <typename A>
-void scores(const A* __restrict q, const A* __restrict kt, int64_t D, A* __restrict s) {
-  A acc[kBK] = {};
-  for (int64_t d = 0; d < D; ++d) {
-    const A qd = q[d];
-    const A* __restrict row = kt + d * kBK;
-#pragma omp simd
-    for (int64_t jj = 0; jj < kBK; ++jj) acc[jj] += qd * row[jj];
-  }
-  for (int64_t jj = 0; jj < kBK; ++jj) s[jj] = acc[jj];
-}
-
-// The same for kRows query rows at once (q rows D apart): each K^T row loaded once per kRows.
-constexpr int64_t kRows = 4;  // the dK/dV accumulation below is written for exactly 4
-template <typename A>
-void scores_rows(const A* __restrict q, const A* __restrict kt, int64_t D, A* __restrict s) {
-  A acc[kRows][kBK] = {};
-  for (int64_t d = 0; d < D; ++d) {
-    const A* __restrict row = kt + d * kBK;
-    for (int64_t r = 0; r < kRows; ++r) {
-      const A qd = q[r * D + d];
-#pragma omp simd
-      for (int64_t jj = 0; jj < kBK; ++jj) acc[r][jj] += qd * row[jj];
-    }
-  }
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t jj = 0; jj < kBK; ++jj) s[r * kBK + jj] = acc[r][jj];
-}
-
-template <typename S>
-void forward(const Params& p, const cpu::ParallelFor& parallel_for) {
-  using A = acc_t<S>;
-  const int64_t D = p.D, group = p.H / p.Hkv;
-  const A scale = A(p.scale);
-  const auto tasks = tasks_for(p, p.H, kBQ, [](const Seq& s) { return s.q_len; });
-  parallel_for(int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    Buffers<S, A> buf(D);
-    for (int64_t t = t0; t < t1; ++t) {
-      const Task& tk = tasks[t];
-      const Seq& sq = p.seqs[tk.seq];
-      const int64_t h = tk.head, hk = h / group;
-      const int64_t i0 = tk.block * kBQ, i1 = std::min(sq.q_len, i0 + kBQ), nr = i1 - i0;
-      const S* Q = static_cast<const S*>(p.q) + sq.q_off + h * p.q_head_stride;
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t d = 0; d < D; ++d) buf.q[r * D + d] = load<A>(Q + (i0 + r) * p.q_row_stride + d) * scale;
-      std::fill(buf.acc.begin(), buf.acc.end(), A(0));
-      std::fill(buf.m.begin(), buf.m.end(), neg_inf<A>());
-      std::fill(buf.l.begin(), buf.l.end(), A(0));
-      const int64_t k_lo = sq.k_begin, k_hi = visible_end(sq, i1 - 1, p.causal);
-      for (int64_t j0 = k_lo; j0 < k_hi; j0 += kBK) {
-        const int64_t j1 = std::min(k_hi, j0 + kBK);
-        stage_keys<S, A>(p, sq, hk, j0, j1, buf.kt.data(), buf.v.data(), nullptr);
-        int64_t r = 0;
-        for (; r + kRows <= nr; r += kRows) scores_rows(buf.q.data() + r * D, buf.kt.data(), D, buf.s.data() + r * kBK);
-        for (; r < nr; ++r) scores(buf.q.data() + r * D, buf.kt.data(), D, buf.s.data() + r * kBK);
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t vis = std::min(j1, visible_end(sq, i0 + r, p.causal)) - j0;  // visible keys in tile
-          if (vis <= 0) continue;
-          A* s = buf.s.data() + r * kBK;
-          A tile_max = neg_inf<A>();
-          for (int64_t jj = 0; jj < vis; ++jj) tile_max = s[jj] > tile_max ? s[jj] : tile_max;
-          const A m_new = tile_max > buf.m[r] ? tile_max : buf.m[r];
-          const A corr = buf.m[r] == neg_inf<A>() ? A(0) : fast_exp(buf.m[r] - m_new);
-          A sum = 0;
-          for (int64_t jj = 0; jj < kBK; ++jj) {
-            s[jj] = jj < vis ? fast_exp(s[jj] - m_new) : A(0);
-            sum += s[jj];
-          }
-          buf.l[r] = buf.l[r] * corr + sum;
-          buf.m[r] = m_new;
-          A* __restrict acc = buf.acc.data() + r * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
-          for (int64_t jj = 0; jj < vis; ++jj) {
-            const A pj = s[jj];
-            const A* __restrict vrow = buf.v.data() + jj * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) acc[d] += pj * vrow[d];
-          }
-        }
-      }
-      S* O = static_cast<S*>(p.o) + sq.q_off + h * p.q_head_stride;
-      A* lse = static_cast<A*>(static_cast<void*>(p.lse)) + sq.lse_off + h * p.lse_head_stride;
-      for (int64_t r = 0; r < nr; ++r) {
-        const A l = buf.l[r];
-        const A inv = l > A(0) ? A(1) / l : A(0);
-        for (int64_t d = 0; d < D; ++d) store(O + (i0 + r) * p.q_row_stride + d, buf.acc[r * D + d] * inv);
-        lse[(i0 + r) * p.lse_row_stride] = l > A(0) ? buf.m[r] + std::log(l) : neg_inf<A>();
-      }
-    }
-  });
 }
 
 // Decode helpers. Rows [j0, j0 + n) of one kv head of K or V as accumulator-type values with
@@ -354,148 +229,210 @@ void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
   });
 }
 
+// ---- training forward and backward: tiles multiplied with the injected BLAS (cpu/blas.h) ----
+
+constexpr int64_t kQB = 128;    // query rows per forward / dQ task
+constexpr int64_t kKV = 512;   // keys per chunk (forward, dQ)
+constexpr int64_t kKB = 128;    // keys per dK/dV task
+constexpr int64_t kQC = 256;   // query rows per chunk (dK/dV)
+
+// P[r, 0..nk) = exp(S[r, jj] - base_r) where key jj is visible to row r (jj < vis[r]), else 0.
+template <typename A>
+void masked_exp(A* __restrict s, int64_t nk, int64_t vis, A base) {
+  if (vis <= 0 || base == neg_inf<A>()) {
+    std::fill(s, s + nk, A(0));
+    return;
+  }
+#pragma omp simd
+  for (int64_t jj = 0; jj < nk; ++jj) s[jj] = jj < vis ? fast_exp(s[jj] - base) : A(0);
+}
+
+// Forward, per (sequence, head, block of kQB query rows): per chunk of kKV keys,
+// S = scale Q K^T (GEMM), online softmax per row, acc = corr * acc + P V (GEMM, beta = 1).
+// fp32 / fp64 operands are read in place (row strides as leading dimensions); 16-bit ones are
+// converted to fp32 tiles first.
 template <typename S>
-void backward(const Params& p, const cpu::ParallelFor& parallel_for) {
+void forward(const Params& p, const cpu::ParallelFor& parallel_for, const cpu::Blas& blas) {
   using A = acc_t<S>;
+  const auto& gemm = blas.gemm<A>();
+  const int64_t D = p.D, group = p.H / p.Hkv;
+  const A scale = A(p.scale);
+  const auto tasks = tasks_for(p, p.H, kQB, [](const Seq& s) { return s.q_len; });
+  parallel_for(int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<A> qbuf(std::is_same_v<S, A> ? 0 : kQB * D), kbuf(std::is_same_v<S, A> ? 0 : kKV * D),
+        vbuf(kbuf.size()), sc(kQB * kKV), acc(kQB * D), m(kQB), l(kQB);
+    for (int64_t t = t0; t < t1; ++t) {
+      const Task& tk = tasks[t];
+      const Seq& sq = p.seqs[tk.seq];
+      const int64_t h = tk.head, hk = h / group;
+      const int64_t i0 = tk.block * kQB, i1 = std::min(sq.q_len, i0 + kQB), nr = i1 - i0;
+      const S* Q = static_cast<const S*>(p.q) + sq.q_off + h * p.q_head_stride;
+      const S* K = static_cast<const S*>(p.k) + sq.k_off + hk * p.k_head_stride;
+      const S* V = static_cast<const S*>(p.v) + sq.k_off + hk * p.k_head_stride;
+      int64_t ldq = 0;
+      const A* q = as_acc_rows(Q, i0, nr, p.q_row_stride, D, qbuf.data(), &ldq);
+      std::fill(acc.begin(), acc.begin() + nr * D, A(0));
+      std::fill(m.begin(), m.end(), neg_inf<A>());
+      std::fill(l.begin(), l.end(), A(0));
+      const int64_t k_hi = visible_end(sq, i1 - 1, p.causal);
+      for (int64_t j0 = sq.k_begin; j0 < k_hi; j0 += kKV) {
+        const int64_t j1 = std::min(k_hi, j0 + kKV), nk = j1 - j0;
+        int64_t ldk = 0, ldv = 0;
+        const A* k = as_acc_rows(K, j0, nk, p.k_row_stride, D, kbuf.data(), &ldk);
+        const A* v = as_acc_rows(V, j0, nk, p.k_row_stride, D, vbuf.data(), &ldv);
+        gemm(false, true, nr, nk, D, scale, q, ldq, k, ldk, A(0), sc.data(), kKV);  // S [nr, nk]
+        for (int64_t r = 0; r < nr; ++r) {
+          A* __restrict sr = sc.data() + r * kKV;
+          const int64_t vis = std::min(j1, visible_end(sq, i0 + r, p.causal)) - j0;
+          A tile_max = neg_inf<A>();
+          for (int64_t jj = 0; jj < vis; ++jj) tile_max = sr[jj] > tile_max ? sr[jj] : tile_max;
+          const A m_new = tile_max > m[r] ? tile_max : m[r];
+          const A corr = m[r] == neg_inf<A>() ? A(0) : fast_exp(m[r] - m_new);
+          masked_exp(sr, nk, vis, m_new);
+          A sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t jj = 0; jj < nk; ++jj) sum += sr[jj];
+          l[r] = l[r] * corr + sum;
+          m[r] = m_new;
+          A* __restrict ar = acc.data() + r * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) ar[d] *= corr;
+        }
+        gemm(false, false, nr, D, nk, A(1), sc.data(), kKV, v, ldv, A(1), acc.data(), D);  // acc += P V
+      }
+      S* O = static_cast<S*>(p.o) + sq.q_off + h * p.q_head_stride;
+      A* lse = static_cast<A*>(static_cast<void*>(p.lse)) + sq.lse_off + h * p.lse_head_stride;
+      for (int64_t r = 0; r < nr; ++r) {
+        const A inv = l[r] > A(0) ? A(1) / l[r] : A(0);
+        for (int64_t d = 0; d < D; ++d) store(O + (i0 + r) * p.q_row_stride + d, acc[r * D + d] * inv);
+        lse[(i0 + r) * p.lse_row_stride] = l[r] > A(0) ? m[r] + std::log(l[r]) : neg_inf<A>();
+      }
+    }
+  });
+}
+
+// Backward, recomputing P from the saved lse. delta_i = dO_i . O_i; then
+//   dQ per (sequence, head, kQB rows):      S = scale Q K^T, dP = dO V^T, dS = P (dP - delta),
+//                                            dQ += scale dS K                        (3 GEMMs)
+//   dK, dV per (sequence, kv head, kKB keys), over the group's heads and kQC-row chunks:
+//     S^T = scale K Q^T, dP^T = V dO^T, dV += P^T dO, dK += scale dS^T Q           (4 GEMMs)
+// Every output element has one owner task and a fixed summation order: deterministic.
+template <typename S>
+void backward(const Params& p, const cpu::ParallelFor& parallel_for, const cpu::Blas& blas) {
+  using A = acc_t<S>;
+  const auto& gemm = blas.gemm<A>();
   const int64_t D = p.D, group = p.H / p.Hkv;
   const A scale = A(p.scale);
   const A* lse_all = static_cast<const A*>(static_cast<const void*>(p.lse));
   A* delta_all = static_cast<A*>(p.delta);
-  auto row_ptr = [&](const void* base, const Seq& sq, int64_t h, int64_t i) {
-    return static_cast<const S*>(base) + sq.q_off + h * p.q_head_stride + i * p.q_row_stride;
+  auto base = [&](const void* ptr, const Seq& sq, int64_t h) {
+    return static_cast<const S*>(ptr) + sq.q_off + h * p.q_head_stride;
   };
-  // delta_i = sum_d dO_i * O_i
-  const auto q_tasks = tasks_for(p, p.H, kBQ, [](const Seq& s) { return s.q_len; });
-  parallel_for(int64_t(q_tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+  auto lse_index = [&](const Seq& sq, int64_t h, int64_t i) {
+    return sq.lse_off + h * p.lse_head_stride + i * p.lse_row_stride;
+  };
+  const auto q_tasks = tasks_for(p, p.H, kQB, [](const Seq& s) { return s.q_len; });
+  parallel_for(int64_t(q_tasks.size()), 1, [&](int64_t t0, int64_t t1) {  // delta
     for (int64_t t = t0; t < t1; ++t) {
       const Task& tk = q_tasks[t];
       const Seq& sq = p.seqs[tk.seq];
-      for (int64_t i = tk.block * kBQ, i1 = std::min(sq.q_len, i + kBQ); i < i1; ++i) {
-        const S* o = row_ptr(p.o, sq, tk.head, i);
-        const S* g = row_ptr(p.dout, sq, tk.head, i);
+      for (int64_t i = tk.block * kQB, i1 = std::min(sq.q_len, i + kQB); i < i1; ++i) {
+        const S* o = base(p.o, sq, tk.head) + i * p.q_row_stride;
+        const S* g = base(p.dout, sq, tk.head) + i * p.q_row_stride;
         A s = 0;
         for (int64_t d = 0; d < D; ++d) s += load<A>(g + d) * load<A>(o + d);
-        delta_all[sq.lse_off + tk.head * p.lse_head_stride + i * p.lse_row_stride] = s;
+        delta_all[lse_index(sq, tk.head, i)] = s;
       }
     }
   });
-  // dQ per (sequence, head, query block): each key tile staged once for the block's rows
-  parallel_for(int64_t(q_tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> q(kBQ * D), g(kBQ * D), dq(kBQ * D), kt(D * kBK), vt(D * kBK), kr(kBK * D), s(kBQ * kBK),
-        dp(kBQ * kBK);
-    std::vector<A> lse_r(kBQ), delta_r(kBQ);
+  parallel_for(int64_t(q_tasks.size()), 1, [&](int64_t t0, int64_t t1) {  // dQ
+    const bool stage = !std::is_same_v<S, A>;
+    std::vector<A> qbuf(stage ? kQB * D : 0), gbuf(qbuf.size()), kbuf(stage ? kKV * D : 0), vbuf(kbuf.size());
+    std::vector<A> sc(kQB * kKV), dp(kQB * kKV), dq(kQB * D);
     for (int64_t t = t0; t < t1; ++t) {
       const Task& tk = q_tasks[t];
       const Seq& sq = p.seqs[tk.seq];
       const int64_t h = tk.head, hk = h / group;
-      const int64_t i0 = tk.block * kBQ, i1 = std::min(sq.q_len, i0 + kBQ), nr = i1 - i0;
-      std::fill(dq.begin(), dq.end(), A(0));
-      for (int64_t r = 0; r < nr; ++r) {
-        const int64_t li = sq.lse_off + h * p.lse_head_stride + (i0 + r) * p.lse_row_stride;
-        lse_r[r] = lse_all[li], delta_r[r] = delta_all[li];
-        const S* qr = row_ptr(p.q, sq, h, i0 + r);
-        const S* gr = row_ptr(p.dout, sq, h, i0 + r);
-        for (int64_t d = 0; d < D; ++d) q[r * D + d] = load<A>(qr + d) * scale, g[r * D + d] = load<A>(gr + d);
-      }
-      const int64_t ke_block = visible_end(sq, i1 - 1, p.causal);
-      for (int64_t j0 = sq.k_begin; j0 < ke_block; j0 += kBK) {
-        const int64_t j1 = std::min(ke_block, j0 + kBK);
-        stage_keys<S, A>(p, sq, hk, j0, j1, kt.data(), nullptr, vt.data(), kr.data());
-        int64_t r = 0;
-        for (; r + kRows <= nr; r += kRows) {
-          scores_rows(q.data() + r * D, kt.data(), D, s.data() + r * kBK);
-          scores_rows(g.data() + r * D, vt.data(), D, dp.data() + r * kBK);
-        }
-        for (; r < nr; ++r) {
-          scores(q.data() + r * D, kt.data(), D, s.data() + r * kBK);
-          scores(g.data() + r * D, vt.data(), D, dp.data() + r * kBK);
-        }
+      const int64_t i0 = tk.block * kQB, i1 = std::min(sq.q_len, i0 + kQB), nr = i1 - i0;
+      const S* K = static_cast<const S*>(p.k) + sq.k_off + hk * p.k_head_stride;
+      const S* V = static_cast<const S*>(p.v) + sq.k_off + hk * p.k_head_stride;
+      int64_t ldq = 0, ldg = 0;
+      const A* q = as_acc_rows(base(p.q, sq, h), i0, nr, p.q_row_stride, D, qbuf.data(), &ldq);
+      const A* g = as_acc_rows(base(p.dout, sq, h), i0, nr, p.q_row_stride, D, gbuf.data(), &ldg);
+      std::fill(dq.begin(), dq.begin() + nr * D, A(0));
+      const int64_t k_hi = visible_end(sq, i1 - 1, p.causal);
+      for (int64_t j0 = sq.k_begin; j0 < k_hi; j0 += kKV) {
+        const int64_t j1 = std::min(k_hi, j0 + kKV), nk = j1 - j0;
+        int64_t ldk = 0, ldv = 0;
+        const A* k = as_acc_rows(K, j0, nk, p.k_row_stride, D, kbuf.data(), &ldk);
+        const A* v = as_acc_rows(V, j0, nk, p.k_row_stride, D, vbuf.data(), &ldv);
+        gemm(false, true, nr, nk, D, scale, q, ldq, k, ldk, A(0), sc.data(), kKV);  // S
+        gemm(false, true, nr, nk, D, A(1), g, ldg, v, ldv, A(0), dp.data(), kKV);   // dP
         for (int64_t r = 0; r < nr; ++r) {
-          if (lse_r[r] == neg_inf<A>()) continue;
-          const int64_t n = std::min(j1, visible_end(sq, i0 + r, p.causal)) - j0;
-          A* __restrict dqr = dq.data() + r * D;
-          for (int64_t jj = 0; jj < n; ++jj) {
-            const A pj = fast_exp(s[r * kBK + jj] - lse_r[r]);
-            const A ds = pj * (dp[r * kBK + jj] - delta_r[r]);
-            const A* __restrict krow = kr.data() + jj * D;
+          const int64_t li = lse_index(sq, h, i0 + r);
+          A* __restrict sr = sc.data() + r * kKV;
+          const A* __restrict dpr = dp.data() + r * kKV;
+          masked_exp(sr, nk, std::min(j1, visible_end(sq, i0 + r, p.causal)) - j0, lse_all[li]);
+          const A delta = delta_all[li];
 #pragma omp simd
-            for (int64_t d = 0; d < D; ++d) dqr[d] += ds * krow[d];
-          }
+          for (int64_t jj = 0; jj < nk; ++jj) sr[jj] *= dpr[jj] - delta;  // dS
         }
+        gemm(false, false, nr, D, nk, scale, sc.data(), kKV, k, ldk, A(1), dq.data(), D);  // dQ += scale dS K
       }
-      for (int64_t r = 0; r < nr; ++r) {
-        S* dq_out = static_cast<S*>(p.dq) + sq.q_off + h * p.q_head_stride + (i0 + r) * p.q_row_stride;
-        for (int64_t d = 0; d < D; ++d) store(dq_out + d, dq[r * D + d] * scale);
-      }
+      S* DQ = static_cast<S*>(p.dq) + sq.q_off + h * p.q_head_stride;
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t d = 0; d < D; ++d) store(DQ + (i0 + r) * p.q_row_stride + d, dq[r * D + d]);
     }
   });
-  // dK, dV per (sequence, kv head, key block)
-  const auto k_tasks = tasks_for(p, p.Hkv, kBK, [](const Seq& s) { return s.k_end; });
-  parallel_for(int64_t(k_tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<A> kt(D * kBK), vt(D * kBK), q(kRows * D), g(kRows * D), s(kRows * kBK), dp(kRows * kBK);
-    std::vector<A> dk(kBK * D), dv(kBK * D);
+  const auto k_tasks = tasks_for(p, p.Hkv, kKB, [](const Seq& s) { return s.k_end; });
+  parallel_for(int64_t(k_tasks.size()), 1, [&](int64_t t0, int64_t t1) {  // dK, dV
+    const bool stage = !std::is_same_v<S, A>;
+    std::vector<A> kbuf(stage ? kKB * D : 0), vbuf(kbuf.size()), qbuf(stage ? kQC * D : 0), gbuf(qbuf.size());
+    std::vector<A> st(kKB * kQC), dpt(kKB * kQC), dk(kKB * D), dv(kKB * D), lse_c(kQC), delta_c(kQC);
     for (int64_t t = t0; t < t1; ++t) {
       const Task& tk = k_tasks[t];
       const Seq& sq = p.seqs[tk.seq];
       const int64_t hk = tk.head;
-      const int64_t j0 = tk.block * kBK, j1 = std::min(sq.k_end, j0 + kBK), n = j1 - j0;
-      std::fill(dk.begin(), dk.end(), A(0));
-      std::fill(dv.begin(), dv.end(), A(0));
-      const int64_t jb = std::max(j0, sq.k_begin);  // first key of the block inside the key range
+      const int64_t j0 = tk.block * kKB, j1 = std::min(sq.k_end, j0 + kKB), n = j1 - j0;
+      const S* K = static_cast<const S*>(p.k) + sq.k_off + hk * p.k_head_stride;
+      const S* V = static_cast<const S*>(p.v) + sq.k_off + hk * p.k_head_stride;
+      std::fill(dk.begin(), dk.begin() + n * D, A(0));
+      std::fill(dv.begin(), dv.begin() + n * D, A(0));
+      const int64_t jb = std::max(j0, sq.k_begin);  // keys before k_begin are hidden from every row
       if (jb < j1) {
-        stage_keys<S, A>(p, sq, hk, j0, j1, kt.data(), nullptr, vt.data());
-        // rows that can see any key of [jb, j1): causal needs i + offset >= jb
+        int64_t ldk = 0, ldv = 0;
+        const A* k = as_acc_rows(K, j0, n, p.k_row_stride, D, kbuf.data(), &ldk);
+        const A* v = as_acc_rows(V, j0, n, p.k_row_stride, D, vbuf.data(), &ldv);
+        // rows that can see a key of [jb, j1): causal needs i + causal_offset >= jb
         const int64_t i_first = p.causal ? std::max<int64_t>(0, jb - sq.causal_offset) : 0;
         for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          for (int64_t ib = i_first; ib < sq.q_len; ib += kRows) {
-            const int64_t nr = std::min(kRows, sq.q_len - ib);
-            for (int64_t r = 0; r < nr; ++r) {
-              const S* qr = row_ptr(p.q, sq, h, ib + r);
-              const S* gr = row_ptr(p.dout, sq, h, ib + r);
-              for (int64_t d = 0; d < D; ++d) q[r * D + d] = load<A>(qr + d) * scale, g[r * D + d] = load<A>(gr + d);
+          for (int64_t c0 = i_first; c0 < sq.q_len; c0 += kQC) {
+            const int64_t c1 = std::min(sq.q_len, c0 + kQC), nq = c1 - c0;
+            int64_t ldq = 0, ldg = 0;
+            const A* q = as_acc_rows(base(p.q, sq, h), c0, nq, p.q_row_stride, D, qbuf.data(), &ldq);
+            const A* g = as_acc_rows(base(p.dout, sq, h), c0, nq, p.q_row_stride, D, gbuf.data(), &ldg);
+            gemm(false, true, n, nq, D, scale, k, ldk, q, ldq, A(0), st.data(), kQC);  // S^T [n, nq]
+            gemm(false, true, n, nq, D, A(1), v, ldv, g, ldg, A(0), dpt.data(), kQC);  // dP^T
+            for (int64_t c = 0; c < nq; ++c) {
+              const int64_t li = lse_index(sq, h, c0 + c);
+              lse_c[c] = lse_all[li], delta_c[c] = delta_all[li];
             }
-            if (nr == kRows) {
-              scores_rows(q.data(), kt.data(), D, s.data());
-              scores_rows(g.data(), vt.data(), D, dp.data());
-            } else {
-              for (int64_t r = 0; r < nr; ++r) {
-                scores(q.data() + r * D, kt.data(), D, s.data() + r * kBK);
-                scores(g.data() + r * D, vt.data(), D, dp.data() + r * kBK);
-              }
-            }
-            // probabilities and score gradients of the group's rows (0 where a key is hidden),
-            // then dV, dK rows updated once per group: P^T dO and dS^T Q on the tile
-            A pr[kRows][kBK], dsr[kRows][kBK];
-            for (int64_t r = 0; r < kRows; ++r) {
-              const int64_t i = ib + r;
-              const int64_t li = sq.lse_off + h * p.lse_head_stride + i * p.lse_row_stride;
-              const A lse = r < nr ? lse_all[li] : neg_inf<A>(), delta = r < nr ? delta_all[li] : A(0);
-              const int64_t ke = r < nr && lse != neg_inf<A>() ? std::min(j1, visible_end(sq, i, p.causal)) : j0;
-              for (int64_t jj = 0; jj < kBK; ++jj) {
-                const bool vis = jj >= jb - j0 && jj < ke - j0;
-                const A pj = vis ? fast_exp(s[r * kBK + jj] - lse) : A(0);
-                pr[r][jj] = pj;
-                dsr[r][jj] = vis ? pj * (dp[r * kBK + jj] - delta) : A(0);
-              }
-            }
-            if (nr < kRows) {  // rows beyond the sequence: zero inputs (their weights are 0 too)
-              for (int64_t r = nr; r < kRows; ++r)
-                for (int64_t d = 0; d < D; ++d) q[r * D + d] = g[r * D + d] = A(0);
-            }
-            for (int64_t jj = jb - j0; jj < n; ++jj) {
-              A* __restrict dvr = dv.data() + jj * D;
-              A* __restrict dkr = dk.data() + jj * D;
-              const A p0 = pr[0][jj], p1 = pr[1][jj], p2 = pr[2][jj], p3 = pr[3][jj];
-              const A s0 = dsr[0][jj], s1 = dsr[1][jj], s2 = dsr[2][jj], s3 = dsr[3][jj];
-              if (p0 == A(0) && p1 == A(0) && p2 == A(0) && p3 == A(0)) continue;
-              const A *__restrict g0 = g.data(), *__restrict g1 = g0 + D, *__restrict g2 = g1 + D, *__restrict g3 = g2 + D;
-              const A *__restrict q0 = q.data(), *__restrict q1 = q0 + D, *__restrict q2 = q1 + D, *__restrict q3 = q2 + D;
+            for (int64_t jj = 0; jj < n; ++jj) {  // P^T and dS^T, 0 where key j0 + jj is hidden from the row
+              const int64_t j = j0 + jj;
+              A* __restrict sr = st.data() + jj * kQC;
+              A* __restrict dr = dpt.data() + jj * kQC;
+              // rows i in [c0, c1) see key j iff j >= k_begin and j < visible_end(i): i >= j - causal_offset
+              const int64_t first = j < sq.k_begin ? c1 : (p.causal ? std::max(c0, j - sq.causal_offset) : c0);
 #pragma omp simd
-              for (int64_t d = 0; d < D; ++d) {
-                dvr[d] += p0 * g0[d] + p1 * g1[d] + p2 * g2[d] + p3 * g3[d];
-                dkr[d] += s0 * q0[d] + s1 * q1[d] + s2 * q2[d] + s3 * q3[d];
+              for (int64_t c = 0; c < nq; ++c) {
+                const bool vis = c0 + c >= first & lse_c[c] != neg_inf<A>();
+                const A pv = vis ? fast_exp(sr[c] - lse_c[c]) : A(0);
+                sr[c] = pv;
+                dr[c] = pv * (dr[c] - delta_c[c]);
               }
             }
+            gemm(false, false, n, D, nq, A(1), st.data(), kQC, g, ldg, A(1), dv.data(), D);    // dV += P^T dO
+            gemm(false, false, n, D, nq, scale, dpt.data(), kQC, q, ldq, A(1), dk.data(), D);  // dK += scale dS^T Q
           }
         }
       }
@@ -512,8 +449,8 @@ void backward(const Params& p, const cpu::ParallelFor& parallel_for) {
 
 }  // namespace
 
-Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for) {
-  dispatch_cpu(dtype, [&](auto s) { forward<decltype(s)>(p, parallel_for); });
+Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for, const cpu::Blas& blas) {
+  dispatch_cpu(dtype, [&](auto s) { forward<decltype(s)>(p, parallel_for, blas); });
   return Status::kOk;
 }
 
@@ -522,8 +459,9 @@ Status launch_decode_cpu(const Params& p, DType dtype, const cpu::ParallelFor& p
   return Status::kOk;
 }
 
-Status launch_backward_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for) {
-  dispatch_cpu(dtype, [&](auto s) { backward<decltype(s)>(p, parallel_for); });
+Status launch_backward_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for,
+                           const cpu::Blas& blas) {
+  dispatch_cpu(dtype, [&](auto s) { backward<decltype(s)>(p, parallel_for, blas); });
   return Status::kOk;
 }
 
