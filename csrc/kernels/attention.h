@@ -81,8 +81,9 @@ FRL_HD int64_t visible_end(const Seq& s, int64_t i, bool causal) {
 #endif
 
 namespace fastrlhf::kernels::attention {
-// CPU: parallel over (sequence, head, query block) for the forward and dQ, over (sequence, kv
-// head, key block) for dK/dV; key tiles skipped where the causal mask hides them entirely.
+// CPU: the forward parallel over (sequence, head, query block), the backward over (sequence, kv
+// head); tiles multiplied with the injected BLAS, key chunks skipped where the causal mask hides
+// them entirely.
 Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for, const cpu::Blas& blas);
 Status launch_backward_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for, const cpu::Blas& blas);
 // Few query rows per sequence (decode): one task per (sequence, kv head) covering the group's

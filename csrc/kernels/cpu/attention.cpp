@@ -4,9 +4,9 @@
 // (cpu/blas.h): per (sequence, head, block of query rows), S = scale Q K^T and the P V / dS K
 // products on chunks of keys are GEMMs; the online softmax, masks and exp run between them,
 // vectorized. Chunks wholly hidden by the causal mask or outside the key range are skipped.
-// The backward recomputes P from the saved lse: dQ per query block, dK/dV per key block looping
-// over the query heads of its group. Each output element is written by one task in a fixed
-// order: deterministic.
+// The backward recomputes P from the saved lse, one task per (sequence, kv head) owning its dK,
+// dV and its group's dQ (5 GEMMs per tile). Each output element is written by one task in a
+// fixed order: deterministic.
 // Decode (few query rows): K and V streamed once per (sequence, kv head) by hand-vectorized
 // dot products and register-held P.V accumulators (a GEMM call per row would cost more).
 #include <algorithm>
@@ -231,10 +231,8 @@ void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
 
 // ---- training forward and backward: tiles multiplied with the injected BLAS (cpu/blas.h) ----
 
-constexpr int64_t kQB = 128;    // query rows per forward / dQ task
-constexpr int64_t kKV = 512;   // keys per chunk (forward, dQ)
-constexpr int64_t kKB = 128;    // keys per dK/dV task
-constexpr int64_t kQC = 256;   // query rows per chunk (dK/dV)
+constexpr int64_t kQB = 128;  // query rows per block (forward task, backward step)
+constexpr int64_t kKV = 512;  // keys per chunk
 
 // P[r, 0..nk) = exp(S[r, jj] - base_r) where key jj is visible to row r (jj < vis[r]), else 0.
 template <typename A>
@@ -311,11 +309,11 @@ void forward(const Params& p, const cpu::ParallelFor& parallel_for, const cpu::B
   });
 }
 
-// Backward, recomputing P from the saved lse. delta_i = dO_i . O_i; then
-//   dQ per (sequence, head, kQB rows):      S = scale Q K^T, dP = dO V^T, dS = P (dP - delta),
-//                                            dQ += scale dS K                        (3 GEMMs)
-//   dK, dV per (sequence, kv head, kKB keys), over the group's heads and kQC-row chunks:
-//     S^T = scale K Q^T, dP^T = V dO^T, dV += P^T dO, dK += scale dS^T Q           (4 GEMMs)
+// Backward, recomputing P from the saved lse. delta_i = dO_i . O_i, then one task per
+// (sequence, kv head) owns dK, dV of that kv head and dQ of its group's query heads; per query
+// block of kQB rows and chunk of kKV keys (5 GEMMs):
+//   S = scale Q K^T, P = exp(S - lse), dV += P^T dO, dP = dO V^T, dS = P (dP - delta),
+//   dQ += scale dS K, dK += scale dS^T Q.
 // Every output element has one owner task and a fixed summation order: deterministic.
 template <typename S>
 void backward(const Params& p, const cpu::ParallelFor& parallel_for, const cpu::Blas& blas) {
@@ -345,103 +343,57 @@ void backward(const Params& p, const cpu::ParallelFor& parallel_for, const cpu::
       }
     }
   });
-  parallel_for(int64_t(q_tasks.size()), 1, [&](int64_t t0, int64_t t1) {  // dQ
+  parallel_for(p.n_seq * p.Hkv, 1, [&](int64_t t0, int64_t t1) {  // dQ, dK, dV
     const bool stage = !std::is_same_v<S, A>;
     std::vector<A> qbuf(stage ? kQB * D : 0), gbuf(qbuf.size()), kbuf(stage ? kKV * D : 0), vbuf(kbuf.size());
-    std::vector<A> sc(kQB * kKV), dp(kQB * kKV), dq(kQB * D);
+    std::vector<A> sc(kQB * kKV), dp(kQB * kKV), dq(kQB * D), dk, dv;
     for (int64_t t = t0; t < t1; ++t) {
-      const Task& tk = q_tasks[t];
-      const Seq& sq = p.seqs[tk.seq];
-      const int64_t h = tk.head, hk = h / group;
-      const int64_t i0 = tk.block * kQB, i1 = std::min(sq.q_len, i0 + kQB), nr = i1 - i0;
+      const Seq& sq = p.seqs[t / p.Hkv];
+      const int64_t hk = t % p.Hkv, nkeys = sq.k_end;
       const S* K = static_cast<const S*>(p.k) + sq.k_off + hk * p.k_head_stride;
       const S* V = static_cast<const S*>(p.v) + sq.k_off + hk * p.k_head_stride;
-      int64_t ldq = 0, ldg = 0;
-      const A* q = as_acc_rows(base(p.q, sq, h), i0, nr, p.q_row_stride, D, qbuf.data(), &ldq);
-      const A* g = as_acc_rows(base(p.dout, sq, h), i0, nr, p.q_row_stride, D, gbuf.data(), &ldg);
-      std::fill(dq.begin(), dq.begin() + nr * D, A(0));
-      const int64_t k_hi = visible_end(sq, i1 - 1, p.causal);
-      for (int64_t j0 = sq.k_begin; j0 < k_hi; j0 += kKV) {
-        const int64_t j1 = std::min(k_hi, j0 + kKV), nk = j1 - j0;
-        int64_t ldk = 0, ldv = 0;
-        const A* k = as_acc_rows(K, j0, nk, p.k_row_stride, D, kbuf.data(), &ldk);
-        const A* v = as_acc_rows(V, j0, nk, p.k_row_stride, D, vbuf.data(), &ldv);
-        gemm(false, true, nr, nk, D, scale, q, ldq, k, ldk, A(0), sc.data(), kKV);  // S
-        gemm(false, true, nr, nk, D, A(1), g, ldg, v, ldv, A(0), dp.data(), kKV);   // dP
-        for (int64_t r = 0; r < nr; ++r) {
-          const int64_t li = lse_index(sq, h, i0 + r);
-          A* __restrict sr = sc.data() + r * kKV;
-          const A* __restrict dpr = dp.data() + r * kKV;
-          masked_exp(sr, nk, std::min(j1, visible_end(sq, i0 + r, p.causal)) - j0, lse_all[li]);
-          const A delta = delta_all[li];
+      dk.assign(nkeys * D, A(0));
+      dv.assign(nkeys * D, A(0));
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        for (int64_t i0 = 0; i0 < sq.q_len; i0 += kQB) {
+          const int64_t i1 = std::min(sq.q_len, i0 + kQB), nr = i1 - i0;
+          int64_t ldq = 0, ldg = 0;
+          const A* q = as_acc_rows(base(p.q, sq, h), i0, nr, p.q_row_stride, D, qbuf.data(), &ldq);
+          const A* g = as_acc_rows(base(p.dout, sq, h), i0, nr, p.q_row_stride, D, gbuf.data(), &ldg);
+          std::fill(dq.begin(), dq.begin() + nr * D, A(0));
+          const int64_t k_hi = visible_end(sq, i1 - 1, p.causal);
+          for (int64_t j0 = sq.k_begin; j0 < k_hi; j0 += kKV) {
+            const int64_t j1 = std::min(k_hi, j0 + kKV), nk = j1 - j0;
+            int64_t ldk = 0, ldv = 0;
+            const A* k = as_acc_rows(K, j0, nk, p.k_row_stride, D, kbuf.data(), &ldk);
+            const A* v = as_acc_rows(V, j0, nk, p.k_row_stride, D, vbuf.data(), &ldv);
+            gemm(false, true, nr, nk, D, scale, q, ldq, k, ldk, A(0), sc.data(), kKV);  // S
+            for (int64_t r = 0; r < nr; ++r)                                            // P
+              masked_exp(sc.data() + r * kKV, nk, std::min(j1, visible_end(sq, i0 + r, p.causal)) - j0,
+                         lse_all[lse_index(sq, h, i0 + r)]);
+            gemm(true, false, nk, D, nr, A(1), sc.data(), kKV, g, ldg, A(1), dv.data() + j0 * D, D);  // dV += P^T dO
+            gemm(false, true, nr, nk, D, A(1), g, ldg, v, ldv, A(0), dp.data(), kKV);                 // dP
+            for (int64_t r = 0; r < nr; ++r) {                                                         // dS
+              A* __restrict sr = sc.data() + r * kKV;
+              const A* __restrict dpr = dp.data() + r * kKV;
+              const A delta = delta_all[lse_index(sq, h, i0 + r)];
 #pragma omp simd
-          for (int64_t jj = 0; jj < nk; ++jj) sr[jj] *= dpr[jj] - delta;  // dS
-        }
-        gemm(false, false, nr, D, nk, scale, sc.data(), kKV, k, ldk, A(1), dq.data(), D);  // dQ += scale dS K
-      }
-      S* DQ = static_cast<S*>(p.dq) + sq.q_off + h * p.q_head_stride;
-      for (int64_t r = 0; r < nr; ++r)
-        for (int64_t d = 0; d < D; ++d) store(DQ + (i0 + r) * p.q_row_stride + d, dq[r * D + d]);
-    }
-  });
-  const auto k_tasks = tasks_for(p, p.Hkv, kKB, [](const Seq& s) { return s.k_end; });
-  parallel_for(int64_t(k_tasks.size()), 1, [&](int64_t t0, int64_t t1) {  // dK, dV
-    const bool stage = !std::is_same_v<S, A>;
-    std::vector<A> kbuf(stage ? kKB * D : 0), vbuf(kbuf.size()), qbuf(stage ? kQC * D : 0), gbuf(qbuf.size());
-    std::vector<A> st(kKB * kQC), dpt(kKB * kQC), dk(kKB * D), dv(kKB * D), lse_c(kQC), delta_c(kQC);
-    for (int64_t t = t0; t < t1; ++t) {
-      const Task& tk = k_tasks[t];
-      const Seq& sq = p.seqs[tk.seq];
-      const int64_t hk = tk.head;
-      const int64_t j0 = tk.block * kKB, j1 = std::min(sq.k_end, j0 + kKB), n = j1 - j0;
-      const S* K = static_cast<const S*>(p.k) + sq.k_off + hk * p.k_head_stride;
-      const S* V = static_cast<const S*>(p.v) + sq.k_off + hk * p.k_head_stride;
-      std::fill(dk.begin(), dk.begin() + n * D, A(0));
-      std::fill(dv.begin(), dv.begin() + n * D, A(0));
-      const int64_t jb = std::max(j0, sq.k_begin);  // keys before k_begin are hidden from every row
-      if (jb < j1) {
-        int64_t ldk = 0, ldv = 0;
-        const A* k = as_acc_rows(K, j0, n, p.k_row_stride, D, kbuf.data(), &ldk);
-        const A* v = as_acc_rows(V, j0, n, p.k_row_stride, D, vbuf.data(), &ldv);
-        // rows that can see a key of [jb, j1): causal needs i + causal_offset >= jb
-        const int64_t i_first = p.causal ? std::max<int64_t>(0, jb - sq.causal_offset) : 0;
-        for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-          for (int64_t c0 = i_first; c0 < sq.q_len; c0 += kQC) {
-            const int64_t c1 = std::min(sq.q_len, c0 + kQC), nq = c1 - c0;
-            int64_t ldq = 0, ldg = 0;
-            const A* q = as_acc_rows(base(p.q, sq, h), c0, nq, p.q_row_stride, D, qbuf.data(), &ldq);
-            const A* g = as_acc_rows(base(p.dout, sq, h), c0, nq, p.q_row_stride, D, gbuf.data(), &ldg);
-            gemm(false, true, n, nq, D, scale, k, ldk, q, ldq, A(0), st.data(), kQC);  // S^T [n, nq]
-            gemm(false, true, n, nq, D, A(1), v, ldv, g, ldg, A(0), dpt.data(), kQC);  // dP^T
-            for (int64_t c = 0; c < nq; ++c) {
-              const int64_t li = lse_index(sq, h, c0 + c);
-              lse_c[c] = lse_all[li], delta_c[c] = delta_all[li];
+              for (int64_t jj = 0; jj < nk; ++jj) sr[jj] *= dpr[jj] - delta;
             }
-            for (int64_t jj = 0; jj < n; ++jj) {  // P^T and dS^T, 0 where key j0 + jj is hidden from the row
-              const int64_t j = j0 + jj;
-              A* __restrict sr = st.data() + jj * kQC;
-              A* __restrict dr = dpt.data() + jj * kQC;
-              // rows i in [c0, c1) see key j iff j >= k_begin and j < visible_end(i): i >= j - causal_offset
-              const int64_t first = j < sq.k_begin ? c1 : (p.causal ? std::max(c0, j - sq.causal_offset) : c0);
-#pragma omp simd
-              for (int64_t c = 0; c < nq; ++c) {
-                const bool vis = c0 + c >= first & lse_c[c] != neg_inf<A>();
-                const A pv = vis ? fast_exp(sr[c] - lse_c[c]) : A(0);
-                sr[c] = pv;
-                dr[c] = pv * (dr[c] - delta_c[c]);
-              }
-            }
-            gemm(false, false, n, D, nq, A(1), st.data(), kQC, g, ldg, A(1), dv.data(), D);    // dV += P^T dO
-            gemm(false, false, n, D, nq, scale, dpt.data(), kQC, q, ldq, A(1), dk.data(), D);  // dK += scale dS^T Q
+            gemm(false, false, nr, D, nk, scale, sc.data(), kKV, k, ldk, A(1), dq.data(), D);          // dQ
+            gemm(true, false, nk, D, nr, scale, sc.data(), kKV, q, ldq, A(1), dk.data() + j0 * D, D);  // dK
           }
+          S* DQ = static_cast<S*>(p.dq) + sq.q_off + h * p.q_head_stride;
+          for (int64_t r = 0; r < nr; ++r)
+            for (int64_t d = 0; d < D; ++d) store(DQ + (i0 + r) * p.q_row_stride + d, dq[r * D + d]);
         }
       }
       S* DK = static_cast<S*>(p.dk) + sq.k_off + hk * p.k_head_stride;
       S* DV = static_cast<S*>(p.dv) + sq.k_off + hk * p.k_head_stride;
-      for (int64_t jj = 0; jj < n; ++jj)
+      for (int64_t j = 0; j < nkeys; ++j)
         for (int64_t d = 0; d < D; ++d) {
-          store(DK + (j0 + jj) * p.k_row_stride + d, dk[jj * D + d]);
-          store(DV + (j0 + jj) * p.k_row_stride + d, dv[jj * D + d]);
+          store(DK + j * p.k_row_stride + d, dk[j * D + d]);
+          store(DV + j * p.k_row_stride + d, dv[j * D + d]);
         }
     }
   });
