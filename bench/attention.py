@@ -83,6 +83,7 @@ def main(argv=None) -> dict:
     cu = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)]).to(dev)
     for name, f in {"kernel varlen": lambda: fastrlhf.ops.attention(qp, kp, vp, causal=True, cu_seqlens=cu),
                     "kernel padded": lambda: fastrlhf.ops.attention(q, k, v, causal=True, key_lengths=lengths.to(dev)),
+                    "kernel padded, no key_lengths": lambda: fastrlhf.ops.attention(q, k, v, causal=True),
                     "sdpa padded": lambda: sdpa(q, k, v, True)}.items():
         with torch.no_grad():
             t = H.time_fn(f, dev, repeat=repeat)
