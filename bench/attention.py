@@ -3,8 +3,7 @@
 GQA Hkv=2), D=64 and 128, T = 256 / 1024 / 2048; forward and forward+backward; varlen with 50%
 padding vs the padded call (with and without key_lengths); decode against caches of 512..8192.
 GFLOP/s count valid-token FLOPs (causal: half the square), compared with a same-size matmul
-measured in the same run; decode
-reports GB/s of K/V read against the measured copy bandwidth."""
+measured in the same run; decode reports GB/s of K/V read against the measured copy bandwidth."""
 
 from __future__ import annotations
 
