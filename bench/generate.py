@@ -3,12 +3,14 @@
 of fastrlhf's adapter path over the transformers model. Sampling with temperature + top-p, no
 stop token (every row generates max_new_tokens), one run side by side. Reports time, tokens/s,
 the prefill / decode / sampling split of the fastrlhf paths and the model FLOP rate as a
-fraction of a matmul measured in the same run.
+fraction of a matmul measured in the same run. Providers run round robin, median of 5 rounds.
 """
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 
 import torch
 
@@ -34,7 +36,7 @@ def main(argv=None) -> dict:
     dev = args.device
     quick = args.quick
     B, P, N = (2, 8, 8) if quick else (16, 64, 128)
-    repeat = args.repeat or (1 if quick else 3)
+    repeat = args.repeat or (1 if quick else 5)
     torch.manual_seed(0)
     hf_config = transformers.LlamaConfig(**(QUICK_MODEL if quick else MODEL), pad_token_id=0, bos_token_id=None,
                                          eos_token_id=None)
@@ -49,16 +51,16 @@ def main(argv=None) -> dict:
     gen = GenerationConfig(max_new_tokens=N, temperature=0.8, top_p=0.9, stop_token_ids=[], seed=0,
                            synchronize_timings=dev.startswith("cuda"))
 
-    splits = {}
+    splits: dict[str, list[dict]] = {"fastrlhf": [], "fastrlhf_hf_adapter": []}  # per-call phase timings
 
     def ours():
         out = generate(model, ids, mask, gen)
-        splits["fastrlhf"] = out.timings
+        splits["fastrlhf"].append(out.timings)
         return out
 
     def adapter():
         out = generate(hf, ids, mask, gen)
-        splits["fastrlhf_hf_adapter"] = out.timings
+        splits["fastrlhf_hf_adapter"].append(out.timings)
         return out
 
     def transformers_generate():
@@ -69,13 +71,26 @@ def main(argv=None) -> dict:
     mm = H.matmul_gflops(dev, quick=quick)
     rows: list[H.Row] = []
     shape = f"B{B} P{P} N{N} {n_params / 1e6:.1f}M"
-    for name, fn in (("fastrlhf", ours), ("fastrlhf_hf_adapter", adapter), ("transformers", transformers_generate)):
-        t = H.time_fn(fn, dev, repeat=repeat, max_time=120.0)
+    providers = {"fastrlhf": ours, "fastrlhf_hf_adapter": adapter, "transformers": transformers_generate}
+    # round robin (one call of each provider per round, median over rounds): a shared machine's
+    # slow spells then hit every provider alike
+    times: dict[str, list[float]] = {name: [] for name in providers}
+    for fn in providers.values():
+        fn()  # warm-up
+    for _ in range(repeat):
+        for name, fn in providers.items():
+            t0 = time.perf_counter()
+            fn()
+            H.sync(dev)
+            times[name].append(time.perf_counter() - t0)
+    for name in providers:
+        t = statistics.median(times[name])
         tokens = B * N
         gflops = 2 * n_params * (tokens + int(lengths.sum())) / t / 1e9
         extra = {"tokens_per_s": tokens / t, "gflops": gflops, "frac_matmul": gflops / mm}
         if name in splits:
-            extra.update({f"{k}_ms": 1e3 * v for k, v in splits[name].items() if k != "tokens"})
+            for phase in ("prefill", "decode", "sample"):
+                extra[f"{phase}_ms"] = 1e3 * statistics.median(c[phase] for c in splits[name][-repeat:])
         rows.append(H.Row("generate", shape, "fp32", name, t * 1e3, extra=extra))
     H.add_speedups(rows, "transformers")
     return H.report("generate", rows, args, {"copy_bandwidth_GBps": round(bw, 1), "matmul_GFLOPs": round(mm, 1),
