@@ -1006,6 +1006,10 @@ bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15u
 // shared-memory need, ~70 KB for dK/dV at D = 128, is below every sm_80+ opt-in limit), and
 // 16-byte aligned rows (cp.async): base pointers aligned and strides multiples of 8 elements (the
 // glue's sequence offsets are multiples of D).
+// Whether the tensor-core kernels were compiled for sm_80+ in the code this GPU runs (a build for
+// older archs JIT-compiles PTX in which they are traps).
+bool tc_compiled();
+
 bool use_tensor_cores(const Params& p, DType dtype, std::initializer_list<const void*> ptrs) {
   if (dtype != DType::kBFloat16 && dtype != DType::kFloat16) return false;
   if (p.D != 32 && p.D != 64 && p.D != 96 && p.D != 128) return false;
@@ -1013,8 +1017,12 @@ bool use_tensor_cores(const Params& p, DType dtype, std::initializer_list<const 
     if (s % 8 != 0) return false;
   for (const void* ptr : ptrs)
     if (!aligned16(ptr)) return false;
-  return compute_major() >= 8;
+  return compute_major() >= 8 && tc_compiled();
 }
+
+// Grids: x up to 2^31 - 1 blocks, y up to 65535 (the CUDA limits); a batch beyond them is an error,
+// never a silently truncated launch.
+bool grid_fits(int64_t x, int64_t y) { return x <= 2147483647 && y <= 65535; }
 
 // f(T{}, std::integral_constant<int, D>{}) for the tensor-core dtypes and head dims.
 template <typename F>
@@ -1042,9 +1050,20 @@ cudaError_t dispatch_simple(DType dtype, int64_t D, F&& f) {
   });
 }
 
+bool tc_compiled() {
+  static const bool ok = [] {
+    cudaFuncAttributes a{};
+    return cudaFuncGetAttributes(&a, tc::forward_tc<__half, 64>) == cudaSuccess && a.ptxVersion >= 80;
+  }();
+  return ok;
+}
+
 template <typename Kernel>
-cudaError_t launch_tc_kernel(Kernel kernel, dim3 grid, size_t smem, cudaStream_t stream, const Params& p, int n) {
-  if (grid.x == 0 || grid.y == 0) return cudaSuccess;
+cudaError_t launch_tc_kernel(Kernel kernel, int64_t gx, int64_t gy, size_t smem, cudaStream_t stream, const Params& p,
+                             int n) {
+  if (gx == 0 || gy == 0) return cudaSuccess;
+  if (!grid_fits(gx, gy)) return cudaErrorInvalidConfiguration;
+  const dim3 grid{unsigned(gx), unsigned(gy), 1u};
   const cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   if (e != cudaSuccess) return e;
   kernel<<<grid, tc::kThreads, smem, stream>>>(p, n);
@@ -1061,12 +1080,13 @@ cudaError_t forward(const Params& p, DType dtype, cudaStream_t stream) {
       constexpr int D = decltype(d)::value;
       using Cfg = tc::FwdCfg<D>;
       const int n_qb = int(cuda::ceil_div(p.max_q_len, Cfg::kBQ));
-      return launch_tc_kernel(tc::forward_tc<T, D>, dim3(unsigned(n_qb * p.n_seq), unsigned(p.H)),
-                              Cfg::kSmemElems * sizeof(T), stream, p, n_qb);
+      return launch_tc_kernel(tc::forward_tc<T, D>, int64_t(n_qb) * p.n_seq, p.H, Cfg::kSmemElems * sizeof(T), stream,
+                              p, n_qb);
     });
   }
   return dispatch_simple(dtype, p.D, [&](auto s, auto npl) {
     const unsigned n_rb = row_blocks(p.max_q_len);
+    if (!grid_fits(int64_t(n_rb) * p.n_seq, p.H)) return cudaErrorInvalidConfiguration;
     simple::forward_kernel<decltype(s), decltype(npl)::value>
         <<<dim3(unsigned(n_rb * p.n_seq), unsigned(p.H)), simple::kThreads, 0, stream>>>(p, int(n_rb));
     return cudaGetLastError();
@@ -1081,6 +1101,8 @@ cudaError_t launch_backward_cuda(const Params& p, DType dtype, cudaStream_t stre
   // (no keys at all still needs dq = 0: the dq kernels write every row)
   if (p.n_seq == 0 || p.H == 0 || p.max_q_len == 0) return cudaSuccess;
   const unsigned n_rb = row_blocks(p.max_q_len);
+  if (!grid_fits(int64_t(n_rb) * p.n_seq, p.H) || !grid_fits(int64_t(row_blocks(p.max_k_len)) * p.n_seq, p.Hkv))
+    return cudaErrorInvalidConfiguration;
   const dim3 q_grid(unsigned(n_rb * p.n_seq), unsigned(p.H));
   cudaError_t e = cuda::dispatch(dtype, [&](auto s) {
     simple::delta_kernel<decltype(s)><<<q_grid, simple::kThreads, 0, stream>>>(p, int(n_rb));
@@ -1094,12 +1116,12 @@ cudaError_t launch_backward_cuda(const Params& p, DType dtype, cudaStream_t stre
       using DqC = tc::DqCfg<D>;
       using KvC = tc::DkvCfg<D>;
       const int n_qb = int(cuda::ceil_div(p.max_q_len, DqC::kBQ));
-      cudaError_t err = launch_tc_kernel(tc::dq_tc<T, D>, dim3(unsigned(n_qb * p.n_seq), unsigned(p.H)),
-                                         DqC::kSmemElems * sizeof(T), stream, p, n_qb);
+      cudaError_t err = launch_tc_kernel(tc::dq_tc<T, D>, int64_t(n_qb) * p.n_seq, p.H, DqC::kSmemElems * sizeof(T),
+                                         stream, p, n_qb);
       if (err != cudaSuccess) return err;
       const int n_kb = int(cuda::ceil_div(p.max_k_len, KvC::kBK));
-      return launch_tc_kernel(tc::dkdv_tc<T, D>, dim3(unsigned(n_kb * p.n_seq), unsigned(p.Hkv)),
-                              KvC::smem_bytes(sizeof(T)), stream, p, n_kb);
+      return launch_tc_kernel(tc::dkdv_tc<T, D>, int64_t(n_kb) * p.n_seq, p.Hkv, KvC::smem_bytes(sizeof(T)), stream,
+                              p, n_kb);
     });
   }
   return dispatch_simple(dtype, p.D, [&](auto s, auto npl) {
@@ -1118,6 +1140,8 @@ cudaError_t launch_decode_cuda(const Params& p, DType dtype, cudaStream_t stream
   if (p.n_seq == 0 || p.max_q_len == 0 || p.H == 0) return cudaSuccess;
   if (p.max_q_len > kDecodeMaxQueries) return forward(p, dtype, stream);  // a prefill chunk
   if (p.n_splits < 1 || (p.n_splits > 1 && (!p.partial_out || !p.partial_lse))) return cudaErrorInvalidValue;
+  if (!grid_fits(p.n_seq * p.n_splits, p.Hkv) || !grid_fits(int64_t(row_blocks(p.max_q_len)) * p.n_seq, p.H))
+    return cudaErrorInvalidConfiguration;
   return dispatch_simple(dtype, p.D, [&](auto s, auto npl) {
     using S = decltype(s);
     constexpr int NPL = decltype(npl)::value;
