@@ -204,6 +204,7 @@ class _AttnLayout:
     cache: KVCache | None = None
     write_pos: torch.Tensor | None = None  # [B, Tn] decode: cache positions of the new tokens
     new_lengths: torch.Tensor | None = None  # [B] cache lengths after this call
+    validate: bool = True  # check cu_seqlens in the first layer only
 
 
 class Attention(nn.Module):
@@ -226,7 +227,8 @@ class Attention(nn.Module):
             k = linear(self.k_proj, x).view(N, Hkv, D)
             v = linear(self.v_proj, x).view(N, Hkv, D)
             q, k = apply_rope(q, cos[:, None], sin[:, None]), apply_rope(k, cos[:, None], sin[:, None])
-            y = ops.attention(q, k, v, causal=True, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen)
+            y = ops.attention(q, k, v, causal=True, cu_seqlens=layout.cu_seqlens, max_seqlen=layout.max_seqlen,
+                              validate=layout.validate)
             return linear(self.o_proj, y.reshape(N, H * D))  # (N, C)
         B, T, _ = x.shape
         q = linear(self.q_proj, x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -234,12 +236,13 @@ class Attention(nn.Module):
         v = linear(self.v_proj, x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layout.mode == "padded":
-            y = ops.attention(q, k, v, causal=True, key_start=layout.key_start, key_lengths=layout.key_lengths)
+            y = ops.attention(q, k, v, causal=True, key_start=layout.key_start, key_lengths=layout.key_lengths,
+                              validate=False)  # built from the mask by _mask_bounds: in range
         elif layout.mode == "prefill":  # empty cache: write positions [0, T), attend among the new keys
             kc, vc = layout.cache.k[self.layer_idx], layout.cache.v[self.layer_idx]
             kc[:, :, :T] = k
             vc[:, :, :T] = v
-            y = ops.attention(q, k, v, causal=True, key_lengths=layout.key_lengths)
+            y = ops.attention(q, k, v, causal=True, key_lengths=layout.key_lengths, validate=False)
         else:  # decode: append T new positions per row, attend to the whole valid cache
             kc, vc = layout.cache.k[self.layer_idx], layout.cache.v[self.layer_idx]
             # positions write_pos (B, T) of every kv head: scatter along time, index (B, Hkv, T, D)
@@ -333,6 +336,7 @@ class LlamaTrunk(nn.Module):
                 x = checkpoint(layer, x, cos, sin, layout, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, layout)
+            layout.validate = False  # cu_seqlens checked once, by the first layer
         if cache is not None:
             cache.lengths = layout.new_lengths
         return self.norm(x)  # (B, T, C) or (N, C)

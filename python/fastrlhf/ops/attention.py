@@ -90,8 +90,10 @@ def _check_heads(op, q, k, v, head_dim_axis, head_axis):
 
 
 def attention(q, k, v, *, causal: bool = True, scale: float | None = None, cu_seqlens=None, max_seqlen=None,
-              key_lengths=None, key_start=None, impl: Impl = "auto") -> torch.Tensor:
-    """See the module docstring. Returns ``out`` shaped like ``q``."""
+              key_lengths=None, key_start=None, validate: bool = True, impl: Impl = "auto") -> torch.Tensor:
+    """See the module docstring. Returns ``out`` shaped like ``q``. ``validate=False`` skips the
+    value checks of ``key_lengths`` / ``key_start`` / ``cu_seqlens`` (they read the data: a GPU
+    sync per call), for callers that build them correctly, e.g. once per model forward."""
     op = "attention"
     if cu_seqlens is None:
         if not (isinstance(q, torch.Tensor) and q.dim() == 4 and isinstance(k, torch.Tensor) and k.dim() == 4):
@@ -103,7 +105,7 @@ def attention(q, k, v, *, causal: bool = True, scale: float | None = None, cu_se
         B, Tk = q.shape[0], k.shape[2]
         key_lengths = _int_vector(op, "key_lengths", key_lengths, B, q.device)
         key_start = _int_vector(op, "key_start", key_start, B, q.device)
-        if not torch.compiler.is_compiling():  # value checks read the data (the op checks too)
+        if validate and not torch.compiler.is_compiling():  # value checks read the data
             for name, x in (("key_lengths", key_lengths), ("key_start", key_start)):
                 if x is not None and ((x < 0) | (x > Tk)).any():
                     raise ValueError(f"fastrlhf.ops.{op}: {name} must be in [0, Tk] = [0, {Tk}]")
@@ -121,7 +123,7 @@ def attention(q, k, v, *, causal: bool = True, scale: float | None = None, cu_se
         if cu_seqlens.is_floating_point() or cu_seqlens.dtype == torch.bool:
             raise TypeError(f"fastrlhf.ops.{op}: cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
         cu = cu_seqlens.long()
-        if not torch.compiler.is_compiling():  # value checks read the data (the op checks too)
+        if validate and not torch.compiler.is_compiling():  # value checks read the data
             if int(cu[0]) != 0 or int(cu[-1]) != q.shape[0] or bool((cu[1:] < cu[:-1]).any()):
                 raise ValueError(f"fastrlhf.ops.{op}: cu_seqlens must start at 0, be non-decreasing and end at "
                                  f"the number of tokens {q.shape[0]}, got {cu.tolist()[:8]}")
