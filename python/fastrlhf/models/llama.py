@@ -446,7 +446,7 @@ class CausalLM(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden ``[..., C]`` -> logits ``[..., V]``."""
-        return linear(self.lm_head, hidden)
+        return linear(self.lm_head, hidden).contiguous()  # decode-sized: one copy here, not one per consumer
 
     # ---- forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
