@@ -16,7 +16,8 @@ index in the call's input, so a row's tokens depend only on the seed, its prompt
 settings - not on which other rows are in the batch or have finished.
 
 Any Hugging Face causal LM works through :func:`fastrlhf.generation.hf.generate_hf` (dispatched
-automatically): its own forward and cache, the same sampling, no row dropping.
+automatically): its own forward and cache, the same sampling and bookkeeping (finished rows are
+dropped where its cache supports ``batch_select_indices``).
 """
 
 from __future__ import annotations

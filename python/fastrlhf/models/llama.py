@@ -464,7 +464,7 @@ class CausalLM(nn.Module):
           all Tn tokens of every row are valid (decode, ``Tn`` small).
         """
         hidden = self.model(input_ids, attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens, cache=cache)
-        return hidden if return_hidden else self.lm_head(hidden)
+        return hidden if return_hidden else self.logits(hidden)
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                        temperature: float = 1.0, return_entropy: bool = False, chunk_size: int | None = None):
