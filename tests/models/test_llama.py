@@ -171,3 +171,28 @@ def test_config_dict_round_trip():
     cfg = tiny_config(tie_word_embeddings=True, eos_token_id=[3, 4])
     assert CausalLMConfig.from_dict(cfg.to_dict()) == cfg
     assert isinstance(CausalLM(cfg), CausalLM)
+
+
+def test_decode_weights_pack_and_free():
+    """Packed q/k/v and gate/up weights (CPU decode) give the separate projections' logits; they
+    are built on entry, freed on exit, and skipped for LoRA-wrapped projections."""
+    from fastrlhf.models import apply_lora
+
+    model = tiny_model()
+    ids = torch.randint(0, 97, (3, 9))
+    with torch.no_grad():
+        want = model(ids)[:, 6:]
+        for packed in (False, True):
+            cache = model.new_cache(3, 9)
+            model(ids[:, :6], torch.ones(3, 6, dtype=torch.long), cache=cache)
+            ctx = model.decode_weights() if packed else torch.no_grad()
+            with ctx:
+                if packed:
+                    assert model.model.layers[0].self_attn.packed_qkv.weight.shape == (4 * 16 + 2 * 2 * 16, 64)
+                got = torch.stack([model(ids[:, 6 + t:7 + t], cache=cache)[:, 0] for t in range(3)], 1)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert all(layer.self_attn.packed_qkv is None and layer.mlp.packed_gate_up is None for layer in model.model.layers)
+    lora = apply_lora(tiny_model(), r=2, target_modules=("q_proj",))
+    with lora.decode_weights():
+        assert lora.model.layers[0].self_attn.packed_qkv is None  # q_proj is LoRA: not packed
+        assert lora.model.layers[0].mlp.packed_gate_up is not None

@@ -257,15 +257,16 @@ def _generate_native(model, input_ids, attention_mask, config: GenerationConfig)
         hidden = model.model(prompt, prompt_mask, cache=cache)  # (B, P, C)
         logits = model.logits(hidden[torch.arange(B, device=dev), lengths - 1])  # (B, V)
     rows = torch.arange(B, device=dev)  # original id of each batch row
-    for t in range(L):
-        tok, keep = dec.step(t, logits, rows)
-        n_keep = int(keep.sum())
-        if n_keep == 0:
-            break
-        if config.drop_finished and n_keep < rows.numel():
-            idx = keep.nonzero().squeeze(1)
-            cache.select(idx)
-            rows, tok = rows[idx], tok[idx]
-        with plan.timed("decode"):
-            logits = model(tok[:, None], cache=cache)[:, 0]  # (b, V)
+    with model.decode_weights():
+        for t in range(L):
+            tok, keep = dec.step(t, logits, rows)
+            n_keep = int(keep.sum())
+            if n_keep == 0:
+                break
+            if config.drop_finished and n_keep < rows.numel():
+                idx = keep.nonzero().squeeze(1)
+                cache.select(idx)
+                rows, tok = rows[idx], tok[idx]
+            with plan.timed("decode"):
+                logits = model(tok[:, None], cache=cache)[:, 0]  # (b, V)
     return dec.output(input_ids)

@@ -19,6 +19,7 @@ Shapes: B batch, T time, C hidden size, H / Hkv query / key-value heads, D head 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
@@ -135,6 +136,19 @@ def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return layer(x)
 
 
+def pack_linears(*layers: nn.Module) -> nn.Linear | None:
+    """One ``nn.Linear`` whose output is the concatenation of ``layers``' outputs (a copy of their
+    weights, no grad), or None when any of them is not a plain ``nn.Linear`` (e.g. LoRA)."""
+    if not all(type(m) is nn.Linear for m in layers):
+        return None
+    w = torch.cat([m.weight.detach() for m in layers])
+    packed = nn.Linear(w.shape[1], w.shape[0], bias=layers[0].bias is not None, device=w.device, dtype=w.dtype)
+    packed.weight = nn.Parameter(w, requires_grad=False)
+    if packed.bias is not None:
+        packed.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]), requires_grad=False)
+    return packed
+
+
 def rope_inv_freq(config: CausalLMConfig) -> torch.Tensor:
     """Inverse frequencies ``[D / 2]`` (fp32) of RoPE, with Llama 3's frequency scaling if set."""
     D = config.head_dim
@@ -218,6 +232,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(C, self.n_kv_head * D, bias=qkv_bias)
         self.v_proj = nn.Linear(C, self.n_kv_head * D, bias=qkv_bias)
         self.o_proj = nn.Linear(self.n_head * D, C, bias=config.attention_bias)
+        self.packed_qkv: nn.Linear | None = None  # set by CausalLM.decode_weights() for the decode steps
 
     def forward(self, x, cos, sin, layout: _AttnLayout):
         D, H, Hkv = self.head_dim, self.n_head, self.n_kv_head
@@ -231,10 +246,15 @@ class Attention(nn.Module):
                               validate=layout.validate)
             return linear(self.o_proj, y.reshape(N, H * D))  # (N, C)
         B, T, _ = x.shape
-        q = linear(self.q_proj, x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = linear(self.k_proj, x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        v = linear(self.v_proj, x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if layout.mode == "decode" and self.packed_qkv is not None:  # one matmul, one rotation for q and k
+            qkv = linear(self.packed_qkv, x).view(B, T, H + 2 * Hkv, D).transpose(1, 2)  # (B, H + 2 Hkv, T, D)
+            qk = apply_rope(qkv[:, : H + Hkv], cos, sin)
+            q, k, v = qk[:, :H], qk[:, H:], qkv[:, H + Hkv:]
+        else:
+            q = linear(self.q_proj, x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k = linear(self.k_proj, x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            v = linear(self.v_proj, x).view(B, T, Hkv, D).transpose(1, 2)  # (B, Hkv, T, D)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if layout.mode == "padded":
             y = ops.attention(q, k, v, causal=True, key_start=layout.key_start, key_lengths=layout.key_lengths,
                               validate=False)  # built from the mask by _mask_bounds: in range
@@ -263,9 +283,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(C, I, bias=bias)
         self.up_proj = nn.Linear(C, I, bias=bias)
         self.down_proj = nn.Linear(I, C, bias=bias)
+        self.packed_gate_up: nn.Linear | None = None  # set by CausalLM.decode_weights()
 
     def forward(self, x):
-        return linear(self.down_proj, F.silu(linear(self.gate_proj, x)) * linear(self.up_proj, x))
+        if self.packed_gate_up is not None and x.numel() <= 64 * x.shape[-1]:  # decode-sized: one matmul
+            gate, up = linear(self.packed_gate_up, x).chunk(2, dim=-1)
+        else:
+            gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
+        return linear(self.down_proj, F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -437,6 +462,24 @@ class CausalLM(nn.Module):
                 seen.add(id(p))
                 n += p.numel()
         return n
+
+    @contextmanager
+    def decode_weights(self):
+        """Within the block, decode steps on the CPU multiply by concatenated q/k/v and gate/up
+        weights (fewer, larger matmuls; one rotation for q and k). The packed copies are built on
+        entry from the current weights (so a training step between generations is seen) and freed
+        on exit. A no-op on GPUs (cuBLAS gains little) and for LoRA-wrapped projections."""
+        use = self.device.type == "cpu"
+        for layer in self.model.layers if use else ():
+            a, m = layer.self_attn, layer.mlp
+            a.packed_qkv = pack_linears(a.q_proj, a.k_proj, a.v_proj)
+            m.packed_gate_up = pack_linears(m.gate_proj, m.up_proj)
+        try:
+            yield self
+        finally:
+            for layer in self.model.layers:
+                layer.self_attn.packed_qkv = None
+                layer.mlp.packed_gate_up = None
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
         if max_length > self.config.max_position_embeddings:
