@@ -63,6 +63,25 @@ def _rss_bytes(field: str) -> int:
     return 0
 
 
+_MALLOC_FIXED = False
+
+
+def _fix_malloc_threshold() -> None:
+    """glibc raises its mmap threshold (up to 32 MiB) after large buffers are freed, so later
+    chunk-sized buffers come from a heap that keeps them resident and peaks are underestimated,
+    differently run to run. A fixed threshold keeps buffers >= 1 MiB mmapped (returned on free)."""
+    global _MALLOC_FIXED
+    if _MALLOC_FIXED:
+        return
+    _MALLOC_FIXED = True
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (setting it disables the dynamic one)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory(fn: Callable[[], object], device: str) -> float:
     """Peak memory (bytes) allocated while running ``fn`` once, above what was live before.
     CUDA: torch.cuda.max_memory_allocated. CPU: the process's peak resident set (VmHWM, reset
@@ -70,6 +89,7 @@ def peak_memory(fn: Callable[[], object], device: str) -> float:
     returned to the OS when freed, so this tracks tensor memory. Returns NaN where unsupported."""
     import gc
 
+    _fix_malloc_threshold()
     gc.collect()
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -147,6 +167,8 @@ def _extra_cell(extra: dict) -> str:
         split = ", ".join(f"{k[:-3]} {extra[k]:.0f}" for k in ("prefill_ms", "decode_ms", "sample_ms") if k in extra)
         return (f"{extra['tokens_per_s']:.0f} tok/s, {extra['gflops']:.0f} GFLOP/s = {100 * extra['frac_matmul']:.0f}% "
                 f"matmul" + (f"; ms: {split}" if split else ""))
+    if "mem_x_without_grads" in extra:
+        return f"peak {extra['mem_x']:.2f}x logits ({extra['mem_x_without_grads']:.2f}x without the grads)"
     if "mem_x" in extra:
         return f"peak {extra['mem_x']:.2f}x logits"
     if "passes_over_logits" in extra:
