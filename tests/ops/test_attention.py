@@ -1084,3 +1084,19 @@ def test_kernel_op_rejects_bad_input_directly():
         dec(_q(2, 4, 3, 8), k, v, torch.tensor([2, 5]), 0.3)
     with pytest.raises(RuntimeError, match="out of"):
         dec(_q(2, 4, 3, 8), k, v, torch.tensor([3, 6]), 0.3)
+
+
+def test_validate_false_skips_only_the_python_value_checks():
+    """validate=False (callers that build their own lengths) skips the Python-side value checks,
+    which read the data; the op's own checks still reject out-of-range values on the CPU."""
+    q, k, v = _q(*Q), _q(*K), _q(*K)
+    good = torch.tensor([5, 1])
+    torch.testing.assert_close(attention(q, k, v, key_lengths=good, validate=False),
+                               attention(q, k, v, key_lengths=good), rtol=0, atol=0)
+    bad = torch.tensor([6, 1])
+    with pytest.raises(ValueError, match="key_lengths"):
+        attention(q, k, v, key_lengths=bad)
+    with pytest.raises(RuntimeError, match="key_lengths"):
+        attention(q, k, v, key_lengths=bad, validate=False)
+    with pytest.raises(RuntimeError, match="cache_seqlens"):
+        decode_attention(_q(2, 4, 3, 8), k, v, torch.tensor([2, 5]), validate=False)
