@@ -32,11 +32,16 @@ A row_max(const S* x, int64_t V, A inv_t) {
   return out;
 }
 
+// The exp pass is compute-bound and re-reads its row from L2: meanwhile `next` (the following
+// row, or nullptr) is requested from memory, so the next max pass does not wait on DRAM.
 template <typename S, typename A>
-void row_sums(const S* x, int64_t V, A inv_t, A m, A& s_out, A& e_out) {
+void row_sums(const S* x, int64_t V, A inv_t, A m, A& s_out, A& e_out, const S* next) {
   A s[kLanes] = {}, e[kLanes] = {};
   int64_t j = 0;
+  constexpr int64_t kLine = 64 / sizeof(S);
   for (; j + kLanes <= V; j += kLanes) {
+    if (next != nullptr)
+      for (int64_t c = 0; c < kLanes; c += kLine) __builtin_prefetch(next + j + c, 0, 2);
     for (int l = 0; l < kLanes; ++l) {
       const ExpTerm<A> t = exp_term(load<A>(x + j + l) * inv_t, m);
       s[l] += t.ex;
@@ -67,7 +72,7 @@ Status run(const Params& p, const cpu::ParallelFor& parallel_for) {
       }
       const A m = row_max<S, A>(x, p.V, inv_t);
       A s, e;
-      row_sums<S, A>(x, p.V, inv_t, m, s, e);
+      row_sums<S, A>(x, p.V, inv_t, m, s, e, i + 1 < i1 ? x + p.V : nullptr);
       const RowResult<A> r = finalize(m, s, e, load<A>(x + tok) * inv_t);
       static_cast<A*>(p.row_stats)[2 * i] = r.max;
       static_cast<A*>(p.row_stats)[2 * i + 1] = r.log_sum;
@@ -91,11 +96,19 @@ Status run_backward(const BackwardParams& p, const cpu::ParallelFor& parallel_fo
       const A m = static_cast<const A*>(p.row_stats)[2 * i];
       const A log_s = static_cast<const A*>(p.row_stats)[2 * i + 1];
       const A H = static_cast<const A*>(p.entropy)[i];
-      const int64_t tok = p.tokens[i];
-      for (int64_t j = 0; j < p.V; ++j) {
-        const A d = grad_element(load<A>(x + j) * inv_t, m, log_s, H, g, h) + (j == tok ? g : A(0));
-        store(dx + j, d * inv_t);
+      const int64_t tok = p.tokens[i], V = p.V;
+      const A it = inv_t;  // locals, not captures: a store to dx could alias a captured float,
+                           // and the loop would fall back to scalar code
+      if (h == A(0)) {  // no entropy gradient: dlogits_j = -g p_j (p_j = 0 gives -0 * g: no select)
+        const A gt = -g * it;
+        for (int64_t j = 0; j < V; ++j) store(dx + j, gt * fast_exp((load<A>(x + j) * it - m) - log_s));
+      } else {
+        for (int64_t j = 0; j < V; ++j) store(dx + j, grad_element(load<A>(x + j) * it, m, log_s, H, g, h) * it);
       }
+      // the chosen token's + g, once per row (out of the vectorized loop); recomputed from the
+      // logit in the accumulator type, so the storage rounding happens once
+      const A d_tok = grad_element(load<A>(x + tok) * inv_t, m, log_s, H, g, h) + g;
+      store(dx + tok, d_tok * inv_t);
     }
   });
   return Status::kOk;
