@@ -156,10 +156,40 @@ void accumulate_values(const A* __restrict p, const A* __restrict v, int64_t ld,
   }
 }
 
+// P[r, 0..nk) = exp(S[r, jj] - base_r) where key jj is visible to row r (jj < vis[r]), else 0.
+template <typename A>
+void masked_exp(A* __restrict s, int64_t nk, int64_t vis, A base) {
+  if (vis <= 0 || base == neg_inf<A>()) {
+    std::fill(s, s + nk, A(0));
+    return;
+  }
+#pragma omp simd
+  for (int64_t jj = 0; jj < nk; ++jj) s[jj] = jj < vis ? fast_exp(s[jj] - base) : A(0);
+}
+
+// One online-softmax step of a row over a chunk of scores s[0, nk), the first `vis` visible:
+// s becomes P = exp(s - m_new) (0 past vis), the running max m and sum l move to the chunk, and
+// the row's accumulator acc[0, D) is rescaled by exp(m_old - m_new) for the P V product to come.
+template <typename A>
+void online_softmax_step(A* __restrict s, int64_t nk, int64_t vis, A& m, A& l, A* __restrict acc, int64_t D) {
+  A tile_max = neg_inf<A>();
+  for (int64_t jj = 0; jj < vis; ++jj) tile_max = s[jj] > tile_max ? s[jj] : tile_max;
+  const A m_new = tile_max > m ? tile_max : m;
+  const A corr = m == neg_inf<A>() ? A(0) : fast_exp(m - m_new);
+  masked_exp(s, nk, vis, m_new);
+  A sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t jj = 0; jj < nk; ++jj) sum += s[jj];
+  l = l * corr + sum;
+  m = m_new;
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
+}
+
 // Decode (few query rows per sequence): one task per (sequence, kv head) holding the rows of
 // all query heads of its group, so K and V are read from memory once per group (straight from
 // the cache when it is fp32, the next tile prefetched); per L1-sized tile of keys: scores of all
-// rows, then per row the online softmax of forward() and P.V with accumulators in registers.
+// rows, then per row online_softmax_step() and P.V with accumulators in registers.
 template <typename S>
 void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
   using A = acc_t<S>;
@@ -200,21 +230,8 @@ void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
           const int64_t vis = std::min(j1, vis_end[r]) - j0;  // visible keys of this row in the tile
           if (vis <= 0) continue;
           A* sr = s.data() + r * kBK;
-          A tile_max = neg_inf<A>();
-          for (int64_t jj = 0; jj < vis; ++jj) tile_max = sr[jj] > tile_max ? sr[jj] : tile_max;
-          const A m_new = tile_max > m[r] ? tile_max : m[r];
-          const A corr = m[r] == neg_inf<A>() ? A(0) : fast_exp(m[r] - m_new);
-          A sum = 0;
-          for (int64_t jj = 0; jj < vis; ++jj) {
-            sr[jj] = fast_exp(sr[jj] - m_new);
-            sum += sr[jj];
-          }
-          l[r] = l[r] * corr + sum;
-          m[r] = m_new;
-          A* __restrict ar = acc.data() + r * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ar[d] *= corr;
-          accumulate_values(sr, vt, vld, vis, D, ar);
+          online_softmax_step(sr, vis, vis, m[r], l[r], acc.data() + r * D, D);
+          accumulate_values(sr, vt, vld, vis, D, acc.data() + r * D);
         }
       }
       for (int64_t r = 0; r < nr; ++r) {
@@ -233,17 +250,6 @@ void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
 
 constexpr int64_t kQB = 128;  // query rows per block (forward task, backward step)
 constexpr int64_t kKV = 512;  // keys per chunk
-
-// P[r, 0..nk) = exp(S[r, jj] - base_r) where key jj is visible to row r (jj < vis[r]), else 0.
-template <typename A>
-void masked_exp(A* __restrict s, int64_t nk, int64_t vis, A base) {
-  if (vis <= 0 || base == neg_inf<A>()) {
-    std::fill(s, s + nk, A(0));
-    return;
-  }
-#pragma omp simd
-  for (int64_t jj = 0; jj < nk; ++jj) s[jj] = jj < vis ? fast_exp(s[jj] - base) : A(0);
-}
 
 // Forward, per (sequence, head, block of kQB query rows): per chunk of kKV keys,
 // S = scale Q K^T (GEMM), online softmax per row, acc = corr * acc + P V (GEMM, beta = 1).
@@ -279,23 +285,9 @@ void forward(const Params& p, const cpu::ParallelFor& parallel_for, const cpu::B
         const A* k = as_acc_rows(K, j0, nk, p.k_row_stride, D, kbuf.data(), &ldk);
         const A* v = as_acc_rows(V, j0, nk, p.k_row_stride, D, vbuf.data(), &ldv);
         gemm(false, true, nr, nk, D, scale, q, ldq, k, ldk, A(0), sc.data(), kKV);  // S [nr, nk]
-        for (int64_t r = 0; r < nr; ++r) {
-          A* __restrict sr = sc.data() + r * kKV;
-          const int64_t vis = std::min(j1, visible_end(sq, i0 + r, p.causal)) - j0;
-          A tile_max = neg_inf<A>();
-          for (int64_t jj = 0; jj < vis; ++jj) tile_max = sr[jj] > tile_max ? sr[jj] : tile_max;
-          const A m_new = tile_max > m[r] ? tile_max : m[r];
-          const A corr = m[r] == neg_inf<A>() ? A(0) : fast_exp(m[r] - m_new);
-          masked_exp(sr, nk, vis, m_new);
-          A sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t jj = 0; jj < nk; ++jj) sum += sr[jj];
-          l[r] = l[r] * corr + sum;
-          m[r] = m_new;
-          A* __restrict ar = acc.data() + r * D;
-#pragma omp simd
-          for (int64_t d = 0; d < D; ++d) ar[d] *= corr;
-        }
+        for (int64_t r = 0; r < nr; ++r)
+          online_softmax_step(sc.data() + r * kKV, nk, std::min(j1, visible_end(sq, i0 + r, p.causal)) - j0, m[r],
+                              l[r], acc.data() + r * D, D);
         gemm(false, false, nr, D, nk, A(1), sc.data(), kKV, v, ldv, A(1), acc.data(), D);  // acc += P V
       }
       S* O = static_cast<S*>(p.o) + sq.q_off + h * p.q_head_stride;
