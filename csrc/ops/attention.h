@@ -117,4 +117,44 @@ inline AttnCall prepare_decode(const Tensor& q, const Tensor& k_cache, const Ten
   return c;
 }
 
+// The forward's outputs (out like q, lse [lse_shape] in the accumulator dtype) with c.params
+// pointing at them.
+struct ForwardOutputs {
+  Tensor out, lse;
+};
+
+inline ForwardOutputs forward_outputs(AttnCall& c) {
+  ForwardOutputs r{at::empty_like(c.q), at::empty(c.lse_shape, c.q.options().dtype(acc_type(c.q.scalar_type())))};
+  c.params.o = r.out.data_ptr();
+  c.params.lse = static_cast<float*>(r.lse.data_ptr());
+  return r;
+}
+
+// The backward's inputs in the layout the kernels read (grad_out and out like q, lse in the
+// accumulator dtype on q's device), its outputs dq, dk, dv (dk / dv zeroed: keys no query sees
+// are never written) and the delta workspace, with c.params pointing at all of them.
+struct BackwardTensors {
+  Tensor grad_out, out, lse, dq, dk, dv, delta;
+};
+
+inline BackwardTensors prepare_backward(AttnCall& c, const Tensor& grad_out, const Tensor& out, const Tensor& lse) {
+  const Tensor& q = c.q;
+  check_same(grad_out, q, "grad_out", "q");
+  check_same(out, q, "out", "q");
+  BackwardTensors t;
+  t.grad_out = grad_out.to(q.scalar_type()).contiguous();
+  t.out = out.to(q.scalar_type()).contiguous();
+  t.lse = lse.to(q.device(), acc_type(q.scalar_type())).contiguous();
+  TORCH_CHECK(t.lse.sizes() == at::IntArrayRef(c.lse_shape), "fastrlhf: lse has the wrong shape ", t.lse.sizes());
+  t.dq = at::empty_like(q), t.dk = at::zeros_like(c.k), t.dv = at::zeros_like(c.v);
+  t.delta = at::empty_like(t.lse);
+  auto& p = c.params;
+  p.o = const_cast<void*>(t.out.const_data_ptr());
+  p.lse = static_cast<float*>(const_cast<void*>(t.lse.const_data_ptr()));
+  p.dout = t.grad_out.const_data_ptr();
+  p.dq = t.dq.data_ptr(), p.dk = t.dk.data_ptr(), p.dv = t.dv.data_ptr();
+  p.delta = t.delta.data_ptr();
+  return t;
+}
+
 }  // namespace fastrlhf::ops

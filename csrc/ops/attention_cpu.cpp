@@ -12,12 +12,9 @@ std::tuple<Tensor, Tensor> attention_cpu(const Tensor& q, const Tensor& k, const
                                          const std::optional<Tensor>& key_lengths,
                                          const std::optional<Tensor>& key_start) {
   auto c = prepare(q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_k, key_lengths, key_start);
-  Tensor out = at::empty_like(c.q);
-  Tensor lse = at::empty(c.lse_shape, q.options().dtype(acc_type(q.scalar_type())));
-  c.params.o = out.data_ptr();
-  c.params.lse = static_cast<float*>(lse.data_ptr());
+  auto r = forward_outputs(c);
   check_status(k::attention::launch_cpu(c.params, c.dtype, torch_parallel_for(), torch_blas()), "attention");
-  return {out, lse};
+  return {r.out, r.lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
@@ -25,31 +22,18 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cpu(
     bool causal, double scale, const std::optional<Tensor>& cu_seqlens_q, const std::optional<Tensor>& cu_seqlens_k,
     const std::optional<Tensor>& key_lengths, const std::optional<Tensor>& key_start) {
   auto c = prepare(q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_k, key_lengths, key_start);
-  check_same(grad_out, q, "grad_out", "q");
-  check_same(out, q, "out", "q");
-  const Tensor g = grad_out.to(q.scalar_type()).contiguous(), o = out.contiguous(), l = lse.to(acc_type(q.scalar_type())).contiguous();
-  TORCH_CHECK(l.sizes() == at::IntArrayRef(c.lse_shape), "fastrlhf: lse has the wrong shape ", l.sizes());
-  Tensor dq = at::empty_like(c.q), dk = at::zeros_like(c.k), dv = at::zeros_like(c.v);
-  Tensor delta = at::empty_like(l);
-  auto& p = c.params;
-  p.o = const_cast<void*>(o.const_data_ptr());
-  p.lse = static_cast<float*>(const_cast<void*>(l.const_data_ptr()));
-  p.dout = g.const_data_ptr();
-  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
-  p.delta = delta.data_ptr();
-  check_status(k::attention::launch_backward_cpu(p, c.dtype, torch_parallel_for(), torch_blas()), "attention_backward");
-  return {dq, dk, dv};
+  auto t = prepare_backward(c, grad_out, out, lse);
+  check_status(k::attention::launch_backward_cpu(c.params, c.dtype, torch_parallel_for(), torch_blas()),
+               "attention_backward");
+  return {t.dq, t.dk, t.dv};
 }
 
 Tensor decode_attention_cpu(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,
                             double scale) {
   auto c = prepare_decode(q, k_cache, v_cache, cache_seqlens, scale);
-  Tensor out = at::empty_like(c.q);
-  Tensor lse = at::empty(c.lse_shape, q.options().dtype(acc_type(q.scalar_type())));
-  c.params.o = out.data_ptr();
-  c.params.lse = static_cast<float*>(lse.data_ptr());
+  auto r = forward_outputs(c);  // (the CPU decode kernel writes lse too)
   check_status(k::attention::launch_decode_cpu(c.params, c.dtype, torch_parallel_for()), "decode_attention");
-  return out;
+  return r.out;
 }
 
 }  // namespace

@@ -67,12 +67,9 @@ std::tuple<Tensor, Tensor> attention_cuda(const Tensor& q, const Tensor& k, cons
   check_devices(q, k, v);
   auto c = prepare(q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_k, key_lengths, key_start, /*host_table=*/false);
   const Tensor table = device_table(c, q, key_lengths, key_start, /*decode=*/false, ctx.stream);
-  Tensor out = at::empty_like(c.q);
-  Tensor lse = at::empty(c.lse_shape, q.options().dtype(acc_type(q.scalar_type())));
-  c.params.o = out.data_ptr();
-  c.params.lse = static_cast<float*>(lse.data_ptr());
+  auto r = forward_outputs(c);
   check_cuda(ka::launch_cuda(c.params, c.dtype, ctx.stream), "attention");
-  return {out, lse};
+  return {r.out, r.lse};
 }
 
 std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
@@ -82,24 +79,10 @@ std::tuple<Tensor, Tensor, Tensor> attention_backward_cuda(
   CudaContext ctx(q);
   check_devices(q, k, v);
   auto c = prepare(q, k, v, causal, scale, cu_seqlens_q, cu_seqlens_k, key_lengths, key_start, /*host_table=*/false);
-  check_same(grad_out, q, "grad_out", "q");
-  check_same(out, q, "out", "q");
-  const Tensor g = grad_out.to(q.scalar_type()).contiguous(), o = out.to(q.scalar_type()).contiguous();
-  const Tensor l = lse.to(q.device(), acc_type(q.scalar_type())).contiguous();
-  TORCH_CHECK(l.sizes() == at::IntArrayRef(c.lse_shape), "fastrlhf: lse has the wrong shape ", l.sizes());
+  auto t = prepare_backward(c, grad_out, out, lse);
   const Tensor table = device_table(c, q, key_lengths, key_start, /*decode=*/false, ctx.stream);
-  // dk / dv: keys no query sees (outside [key_start, key_lengths), or past every causal row) are
-  // not written by the kernels
-  Tensor dq = at::empty_like(c.q), dk = at::zeros_like(c.k), dv = at::zeros_like(c.v);
-  Tensor delta = at::empty_like(l);
-  auto& p = c.params;
-  p.o = const_cast<void*>(o.const_data_ptr());
-  p.lse = static_cast<float*>(const_cast<void*>(l.const_data_ptr()));
-  p.dout = g.const_data_ptr();
-  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
-  p.delta = delta.data_ptr();
-  check_cuda(ka::launch_backward_cuda(p, c.dtype, ctx.stream), "attention_backward");
-  return {dq, dk, dv};
+  check_cuda(ka::launch_backward_cuda(c.params, c.dtype, ctx.stream), "attention_backward");
+  return {t.dq, t.dk, t.dv};
 }
 
 Tensor decode_attention_cuda(const Tensor& q, const Tensor& k_cache, const Tensor& v_cache, const Tensor& cache_seqlens,
