@@ -85,7 +85,10 @@ def build_and_load(cls, config, state_dict: dict, *, dtype=None, device=None, st
     return model
 
 
-def save_causal_lm(model, path, *, dtype=None) -> None:
+def save_checkpoint(model, path, *, dtype=None, config_updates: dict | None = None) -> None:
+    """``model`` (a CausalLM or a value / reward model: ``.config`` and HF parameter names) to
+    directory ``path``: merged weights (LoRA adapters folded in), config.json with
+    ``config_updates`` applied, and generation_config.json when the model has one."""
     from fastrlhf.models.hf import config_to_hf_dict
     from fastrlhf.models.lora import merged_state_dict
 
@@ -98,15 +101,23 @@ def save_causal_lm(model, path, *, dtype=None) -> None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     write_safetensors(path / WEIGHTS, sd)
     cfg = config_to_hf_dict(model.config, dtype or model.dtype)
+    cfg.update(config_updates or {})
     (path / CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
     if getattr(model, "generation_config", None):
         (path / GENERATION_CONFIG).write_text(json.dumps(model.generation_config, indent=2) + "\n")
 
 
-def load_causal_lm(cls, path, *, dtype=None, device=None):
+def load_checkpoint(cls, path, *, dtype=None, device=None, check_config=None, **config_overrides):
+    """``cls`` from directory ``path`` (ours or transformers'): ``check_config(config.json dict)``
+    may reject it; ``config_overrides`` are set on the CausalLMConfig before building."""
     from fastrlhf.models.hf import config_from_hf_dict
 
-    config = config_from_hf_dict(read_config(path))
+    d = read_config(path)
+    if check_config is not None:
+        check_config(d)
+    config = config_from_hf_dict(d)
+    for key, value in config_overrides.items():
+        setattr(config, key, value)
     sd = read_safetensors(path)
     if dtype is None:
         dtype = next((v.dtype for v in sd.values() if v.is_floating_point()), torch.float32)

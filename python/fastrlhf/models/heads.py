@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -81,38 +80,25 @@ class ValueModel(nn.Module):
         return self.score(hidden).squeeze(-1).float()  # (B, T)
 
     def save_pretrained(self, path, *, dtype=None) -> None:
-        from fastrlhf.models.checkpoint import CONFIG, WEIGHTS, write_safetensors
-        from fastrlhf.models.hf import config_to_hf_dict
-        from fastrlhf.models.lora import merged_state_dict
+        from fastrlhf.models.checkpoint import save_checkpoint
 
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        sd = merged_state_dict(self)
-        if dtype is not None:
-            sd = {k: v.to(dtype) for k, v in sd.items()}
-        write_safetensors(path / WEIGHTS, sd)
-        d = config_to_hf_dict(self.config, dtype or self.dtype)
         prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[self.config.model_type]
-        d.update(architectures=[prefix + self.architecture], num_labels=1, tie_word_embeddings=False,
-                 token_classification_bias=False)  # our score head has no bias
-        (path / CONFIG).write_text(json.dumps(d, indent=2) + "\n")
+        save_checkpoint(self, path, dtype=dtype, config_updates=dict(
+            architectures=[prefix + self.architecture], num_labels=1, tie_word_embeddings=False,
+            token_classification_bias=False))  # our score head has no bias
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=None, device=None):
         """Load a directory written by ``save_pretrained`` (or a Hugging Face
         ``*ForSequenceClassification`` checkpoint with one label)."""
-        from fastrlhf.models.checkpoint import build_and_load, read_config, read_safetensors
-        from fastrlhf.models.hf import config_from_hf_dict
+        from fastrlhf.models.checkpoint import load_checkpoint
 
-        d = read_config(path)
-        if d.get("num_labels", len(d.get("id2label", {0: 0}))) != 1:
-            raise ValueError(f"{cls.__name__}.from_pretrained: expected a single-score head (num_labels = 1)")
-        config = config_from_hf_dict(d)
-        config.tie_word_embeddings = False  # no lm_head here
-        sd = read_safetensors(path)
-        if dtype is None:
-            dtype = next(v.dtype for v in sd.values() if v.is_floating_point())
-        return build_and_load(cls, config, sd, dtype=dtype, device=device)
+        def single_score(d):
+            if d.get("num_labels", len(d.get("id2label", {0: 0}))) != 1:
+                raise ValueError(f"{cls.__name__}.from_pretrained: expected a single-score head (num_labels = 1)")
+
+        return load_checkpoint(cls, path, dtype=dtype, device=device, check_config=single_score,
+                               tie_word_embeddings=False)  # no lm_head here
 
 
 class RewardModel(ValueModel):

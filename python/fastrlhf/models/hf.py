@@ -122,10 +122,10 @@ def _require_transformers():
 
 
 def causal_lm_from_hf(cls, model_or_path, *, dtype=None, device=None):
-    from fastrlhf.models.checkpoint import build_and_load, load_causal_lm
+    from fastrlhf.models.checkpoint import build_and_load, load_checkpoint
 
     if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
-        return load_causal_lm(cls, model_or_path, dtype=dtype, device=device)
+        return load_checkpoint(cls, model_or_path, dtype=dtype, device=device)
     hf = model_or_path
     if not hasattr(hf, "config") or not hasattr(hf, "state_dict"):
         raise TypeError(f"from_hf: expected a transformers model or a local directory, got {type(hf).__name__}")

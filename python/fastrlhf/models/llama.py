@@ -495,17 +495,8 @@ class CausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
                 cache: KVCache | None = None, return_hidden: bool = False) -> torch.Tensor:
-        """See the module docstring.
-
-        * ``input_ids [B, T]``, ``attention_mask [B, T]`` (optional): positions default to
-          ``cumsum(mask) - 1`` (Hugging Face's convention for left padding); padded positions
-          produce values that are to be ignored.
-        * ``input_ids [N]`` with ``cu_seqlens [S + 1]``: packed sequences; output ``[N, ...]``.
-        * ``cache``: ``input_ids [B, Tn]`` are appended to each row of the cache at
-          ``cache.lengths``. With an ``attention_mask [B, Tn]`` (right padding only) the cache
-          must be empty (prefill) and ``cache.lengths`` becomes the mask's row sums; without one
-          all Tn tokens of every row are valid (decode, ``Tn`` small).
-        """
+        """Logits ``[B, T, V]`` (``[N, V]`` packed), or the hidden states with ``return_hidden``.
+        The three input forms (padded, packed, cached) are those of :meth:`LlamaTrunk.forward`."""
         hidden = self.model(input_ids, attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens, cache=cache)
         return hidden if return_hidden else self.logits(hidden)
 
@@ -516,9 +507,8 @@ class CausalLM(nn.Module):
         ``[B, T, V]`` logits are never materialized. Entries whose target is padding are
         meaningless; mask them with ``attention_mask[:, 1:]``."""
         hidden = self(input_ids, attention_mask, return_hidden=True)  # (B, T, C)
-        weight = self.lm_head.weight
-        if hasattr(self.lm_head, "delta_weight"):  # a LoRA adapter on the LM head
-            weight = weight + self.lm_head.delta_weight().to(weight.dtype)
+        # a LoRA adapter on the LM head counts (LoRALinear.merged_weight)
+        weight = self.lm_head.merged_weight() if hasattr(self.lm_head, "merged_weight") else self.lm_head.weight
         return ops.linear_token_logprobs(hidden[:, :-1], weight, input_ids[:, 1:],
                                          temperature=temperature, return_entropy=return_entropy,
                                          chunk_size=chunk_size)
@@ -527,15 +517,15 @@ class CausalLM(nn.Module):
     def save_pretrained(self, path, *, dtype: torch.dtype | None = None) -> None:
         """Write ``config.json`` (Hugging Face keys) and ``model.safetensors``; LoRA adapters, if
         any, are merged into the saved weights (the model itself is left as it is)."""
-        from fastrlhf.models.checkpoint import save_causal_lm
-        save_causal_lm(self, path, dtype=dtype)
+        from fastrlhf.models.checkpoint import save_checkpoint
+        save_checkpoint(self, path, dtype=dtype)
 
     @classmethod
     def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, device=None) -> "CausalLM":
         """Load a directory written by :meth:`save_pretrained` or by ``transformers`` (Llama,
         Mistral, Qwen2; safetensors only, sharded or not)."""
-        from fastrlhf.models.checkpoint import load_causal_lm
-        return load_causal_lm(cls, path, dtype=dtype, device=device)
+        from fastrlhf.models.checkpoint import load_checkpoint
+        return load_checkpoint(cls, path, dtype=dtype, device=device)
 
     @classmethod
     def from_hf(cls, model_or_path, *, dtype: torch.dtype | None = None, device=None) -> "CausalLM":

@@ -58,6 +58,10 @@ class LoRALinear(nn.Module):
         """``scaling * B @ A``, ``[out, in]``."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def merged_weight(self) -> torch.Tensor:
+        """``W + scaling * B @ A`` in W's dtype (differentiable w.r.t. the adapters)."""
+        return self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
+
     def forward(self, x):
         return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
@@ -67,7 +71,7 @@ class LoRALinear(nn.Module):
         merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
                            device=base.weight.device, dtype=base.weight.dtype)
         with torch.no_grad():
-            merged.weight.copy_(base.weight + self.delta_weight().to(base.weight.dtype))
+            merged.weight.copy_(self.merged_weight())
             if base.bias is not None:
                 merged.bias.copy_(base.bias)
         return merged
@@ -126,7 +130,7 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         for key in ("base_layer.weight", "base_layer.bias", "lora_A.weight", "lora_B.weight"):
             sd.pop(f"{name}.{key}", None)
         with torch.no_grad():
-            sd[f"{name}.weight"] = module.base_layer.weight + module.delta_weight().to(module.weight.dtype)
+            sd[f"{name}.weight"] = module.merged_weight()
         if module.base_layer.bias is not None:
             sd[f"{name}.bias"] = module.base_layer.bias
     return sd
