@@ -671,8 +671,10 @@ def test_row_ids_make_a_rows_draw_independent_of_the_batch(device, impl):
     shifted = torch.stack([sample(logits, temperature=1.5, seed=9, offset=o, row_ids=ids + 1, impl=impl).tokens
                            for o in range(8)])
     assert not torch.equal(plain, shifted)  # the row id is part of the counter
-    with pytest.raises(ValueError, match="row_ids must be an integer"):
+    with pytest.raises(ValueError, match=r"row_ids must have shape \(6,\)"):
         sample(logits, row_ids=ids[:3], impl=impl)
+    with pytest.raises(TypeError, match="row_ids must be an integer tensor"):
+        sample(logits, row_ids=ids.float(), impl=impl)
     with pytest.raises(ValueError, match="row_ids must be >= 0"):
         sample(logits, row_ids=ids - 1, impl=impl)
 

@@ -20,9 +20,10 @@ plain temperature-1 log-softmax of the unmodified logits at the token (both fp32
 Randomness: Philox keyed by ``seed``; the counter is ``(offset, row)``, so a call is
 reproducible and a row's draw does not depend on the other rows. ``row_ids [B]`` (int64) replaces
 the row index in the counter: a generation loop that drops finished rows passes each row's
-original index, so its draws do not depend on which other rows are still in the batch. ``seed=None`` takes one from
-torch's default generator (``torch.manual_seed`` makes it reproducible). Advance ``offset`` per
-decoding step. CPU and CUDA draw different tokens from the same distribution.
+original index, so its draws do not depend on which other rows are still in the batch.
+``seed=None`` takes one from torch's default generator (``torch.manual_seed`` makes it
+reproducible). Advance ``offset`` per decoding step. CPU and CUDA draw different tokens from the
+same distribution.
 
 No sort of the vocabulary: CPU thresholds come from a histogram of the probabilities plus a
 quickselect inside one bin; CUDA bisects on the float bits with block reductions.
@@ -37,7 +38,7 @@ import torch
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
-from fastrlhf.ops._common import Impl, check_tensor, use_kernel
+from fastrlhf.ops._common import Impl, check_index, check_tensor, use_kernel
 
 
 class SampleOutput(NamedTuple):
@@ -142,11 +143,7 @@ def sample(
         if validate and token_history.numel() and ((token_history < -1) | (token_history >= V)).any():
             raise ValueError(f"fastrlhf.ops.{op}: token_history ids must be in [0, V) = [0, {V}) or -1 (padding)")
     if row_ids is not None:
-        check_tensor(op, "row_ids", row_ids, ndim=1, floating=False)
-        if row_ids.shape[0] != B or row_ids.device != logits.device or row_ids.is_floating_point():
-            raise ValueError(f"fastrlhf.ops.{op}: row_ids must be an integer [B] = [{B}] tensor on {logits.device}, "
-                             f"got {tuple(row_ids.shape)} {row_ids.dtype} on {row_ids.device}")
-        row_ids = row_ids.long()
+        row_ids = check_index(op, "row_ids", row_ids, "logits[:, 0]", logits, shape=(B,))
         if validate and bool((row_ids < 0).any()):
             raise ValueError(f"fastrlhf.ops.{op}: row_ids must be >= 0")
     if seed is None:
