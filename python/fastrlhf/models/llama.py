@@ -123,12 +123,18 @@ class RMSNorm(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}"
 
 
+DECODE_ROWS = 64  # at most this many rows: a decode-sized matmul (linear(), packed decode weights)
+
+
+def decode_sized(x: torch.Tensor) -> bool:
+    return x.numel() <= DECODE_ROWS * x.shape[-1]
+
+
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``. For a plain fp32 ``nn.Linear`` on the CPU with at most 64 rows (decoding), it
+    """``layer(x)``. For a plain fp32 ``nn.Linear`` on the CPU with decode-sized ``x``, it
     computes ``(W @ x^T)^T`` instead: MKL's sgemm is much faster with the large dimension first
     (1.7x on the decode step of bench/generate.py on 2 cores). Same math; only rounding differs."""
-    if (type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype == torch.float32
-            and x.numel() <= 64 * x.shape[-1]):
+    if type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype == torch.float32 and decode_sized(x):
         y = (layer.weight @ x.reshape(-1, x.shape[-1]).t()).t()  # (rows, out), a transposed view
         if layer.bias is not None:
             y = y + layer.bias
@@ -286,7 +292,7 @@ class MLP(nn.Module):
         self.packed_gate_up: nn.Linear | None = None  # set by CausalLM.decode_weights()
 
     def forward(self, x):
-        if self.packed_gate_up is not None and x.numel() <= 64 * x.shape[-1]:  # decode-sized: one matmul
+        if self.packed_gate_up is not None and decode_sized(x):  # one matmul
             gate, up = linear(self.packed_gate_up, x).chunk(2, dim=-1)
         else:
             gate, up = linear(self.gate_proj, x), linear(self.up_proj, x)
