@@ -5,9 +5,10 @@
 // token_logprobs_backward kernel, and accumulates grad_hidden_c = dlogits_c @ weight and
 // grad_weight += dlogits_c^T @ hidden_c (fp32 accumulator for 16-bit weights).
 // Device-generic (CompositeExplicitAutograd): the matmuls are ATen's, the fused part is ours.
-#include <ATen/core/dispatch/Dispatcher.h>
+// The CPU has its own tiled kernel for fp32/fp64 (linear_token_logprobs_cpu.cpp).
+#include "linear_token_logprobs.h"
 
-#include "utils.h"
+#include <ATen/core/dispatch/Dispatcher.h>
 
 namespace fastrlhf::ops {
 namespace {
@@ -31,8 +32,19 @@ Tensor call_token_logprobs_backward(const std::optional<Tensor>& g, const std::o
   return op.call(g, h, logits, tokens, row_stats, entropy, temperature);
 }
 
-void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& tokens,
-                  const std::optional<Tensor>& bias, int64_t chunk_size) {
+Tensor chunk_logits(const Tensor& h, const Tensor& weight, const std::optional<Tensor>& bias) {
+  return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
+}
+
+// rows per chunk: chunk_size, or about 2^23 logits (32 MiB in fp32)
+int64_t chunk_rows(int64_t chunk_size, int64_t V) {
+  return chunk_size > 0 ? chunk_size : std::max<int64_t>(1, (int64_t(1) << 23) / std::max<int64_t>(1, V));
+}
+
+}  // namespace
+
+void check_linear_token_logprobs(const Tensor& hidden, const Tensor& weight, const Tensor& tokens,
+                                 const std::optional<Tensor>& bias, double temperature, int64_t chunk_size) {
   TORCH_CHECK(hidden.dim() == 2, "fastrlhf: hidden must be [N, H], got ", hidden.sizes());
   TORCH_CHECK(weight.dim() == 2 && weight.size(1) == hidden.size(1),
               "fastrlhf: weight must be [V, H] with H = ", hidden.size(1), ", got ", weight.sizes());
@@ -48,17 +60,15 @@ void check_inputs(const Tensor& hidden, const Tensor& weight, const Tensor& toke
     check_dtype(*bias, hidden.scalar_type(), "bias");
     TORCH_CHECK(bias->device() == hidden.device(), "fastrlhf: bias must be on ", hidden.device());
   }
-  TORCH_CHECK(chunk_size >= 1, "fastrlhf: chunk_size must be >= 1, got ", chunk_size);
+  TORCH_CHECK(temperature > 0, "fastrlhf: temperature must be > 0, got ", temperature);
+  TORCH_CHECK(chunk_size >= 0, "fastrlhf: chunk_size must be >= 0 (0: automatic), got ", chunk_size);
 }
 
-Tensor chunk_logits(const Tensor& h, const Tensor& weight, const std::optional<Tensor>& bias) {
-  return bias.has_value() ? at::addmm(*bias, h, weight.t()) : at::mm(h, weight.t());
-}
-
-Triple linear_token_logprobs(const Tensor& hidden, const Tensor& weight, const Tensor& tokens,
-                             const std::optional<Tensor>& bias, double temperature, int64_t chunk_size) {
-  check_inputs(hidden, weight, tokens, bias, chunk_size);
+Triple linear_token_logprobs_composite(const Tensor& hidden, const Tensor& weight, const Tensor& tokens,
+                                       const std::optional<Tensor>& bias, double temperature, int64_t chunk_size) {
+  check_linear_token_logprobs(hidden, weight, tokens, bias, temperature, chunk_size);
   const int64_t N = hidden.size(0);
+  chunk_size = chunk_rows(chunk_size, weight.size(0));
   const auto acc = acc_type(hidden.scalar_type());
   Tensor logprobs = at::empty({N}, hidden.options().dtype(acc));
   Tensor entropy = at::empty({N}, hidden.options().dtype(acc));
@@ -74,13 +84,14 @@ Triple linear_token_logprobs(const Tensor& hidden, const Tensor& weight, const T
   return {logprobs, entropy, row_stats};
 }
 
-Triple linear_token_logprobs_backward(const std::optional<Tensor>& grad_logprobs,
-                                      const std::optional<Tensor>& grad_entropy, const Tensor& hidden,
-                                      const Tensor& weight, const Tensor& tokens,
-                                      const std::optional<Tensor>& bias, const Tensor& row_stats,
-                                      const Tensor& entropy, double temperature, int64_t chunk_size) {
-  check_inputs(hidden, weight, tokens, bias, chunk_size);
+Triple linear_token_logprobs_backward_composite(const std::optional<Tensor>& grad_logprobs,
+                                                const std::optional<Tensor>& grad_entropy, const Tensor& hidden,
+                                                const Tensor& weight, const Tensor& tokens,
+                                                const std::optional<Tensor>& bias, const Tensor& row_stats,
+                                                const Tensor& entropy, double temperature, int64_t chunk_size) {
+  check_linear_token_logprobs(hidden, weight, tokens, bias, temperature, chunk_size);
   const int64_t N = hidden.size(0);
+  chunk_size = chunk_rows(chunk_size, weight.size(0));
   const bool low_precision = hidden.scalar_type() == at::kHalf || hidden.scalar_type() == at::kBFloat16;
   Tensor grad_hidden = at::empty_like(hidden, at::MemoryFormat::Contiguous);
   // grad_weight / grad_bias accumulate over chunks: fp32 for 16-bit weights
@@ -107,11 +118,9 @@ Triple linear_token_logprobs_backward(const std::optional<Tensor>& grad_logprobs
   return {grad_hidden, grad_weight.to(weight.scalar_type()), grad_bias.to(weight.scalar_type())};
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(fastrlhf, CompositeExplicitAutograd, m) {
-  m.impl("linear_token_logprobs", &linear_token_logprobs);
-  m.impl("linear_token_logprobs_backward", &linear_token_logprobs_backward);
+  m.impl("linear_token_logprobs", &linear_token_logprobs_composite);
+  m.impl("linear_token_logprobs_backward", &linear_token_logprobs_backward_composite);
 }
 
 }  // namespace fastrlhf::ops

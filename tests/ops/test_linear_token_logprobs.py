@@ -110,6 +110,42 @@ def test_chunk_size_does_not_change_the_answer(chunk_size):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize(
+    "case",
+    ["plain", "large logits", "first vocab block -inf", "uneven chunks and blocks"],
+)
+def test_online_statistics_across_vocab_blocks(case):
+    """The CPU kernel's tiles span at most ~2^20 logits, so 4096 tokens x V = 600 are split into
+    vocab blocks of 256, 256, 88 (3000-token chunks: blocks of 349, 251) and each token's
+    log-sum-exp / entropy is merged across blocks; the max moves between blocks (large logits),
+    and a block can hold nothing but -inf for every token."""
+    inp = make_inputs((4096,), 4, 600, seed=11)
+    chunk = 3000 if case == "uneven chunks and blocks" else 4096
+    if case == "large logits":
+        inp["weight"] = inp["weight"] * 40.0
+    if case == "first vocab block -inf":
+        inp["bias"][:256] = float("-inf")
+        inp["tokens"] = inp["tokens"].clamp(min=256)
+    k = forward_backward(**inp, chunk_size=chunk, temperature=0.7)
+    r = forward_backward(**inp, temperature=0.7, impl="reference")
+    assert_all_close(k, r)
+
+
+def test_logprob_only_gradient_across_vocab_blocks():
+    """grad_entropy is None (only log-probs used): the kernel's fast path, across blocks."""
+    inp = make_inputs((4096,), 4, 600, seed=12)
+    grads = []
+    for impl in ("kernel", "reference"):
+        h = inp["hidden"].clone().requires_grad_()
+        W = inp["weight"].clone().requires_grad_()
+        b = inp["bias"].clone().requires_grad_()
+        lp = linear_token_logprobs(h, W, inp["tokens"], bias=b, temperature=1.3, impl=impl)
+        (lp * torch.linspace(-1, 2, lp.numel(), dtype=lp.dtype)).sum().backward()
+        grads.append((lp.detach(), h.grad, W.grad, b.grad))
+    for name, a, b in zip(("logprobs", "grad_hidden", "grad_weight", "grad_bias"), *grads):
+        assert_close(a, b, what=name)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_leading_dims(device):
     inp = make_inputs((2, 3, 4), 5, 19, device=device, seed=4)
@@ -264,7 +300,9 @@ def test_kernel_op_rejects_bad_tensors_directly():
     h, W, t, b = inp["hidden"], inp["weight"], inp["tokens"], inp["bias"]
     op = torch.ops.fastrlhf.linear_token_logprobs.default
     with pytest.raises(RuntimeError, match="chunk_size"):
-        op(h, W, t, b, 1.0, 0)
+        op(h, W, t, b, 1.0, -1)
+    with pytest.raises(RuntimeError, match="temperature"):
+        op(h, W, t, b, 0.0, 2)
     with pytest.raises(RuntimeError, match="weight"):
         op(h, W[:, :2], t, b, 1.0, 2)
     with pytest.raises(RuntimeError, match="weight"):

@@ -1,12 +1,18 @@
 """Token log-probs (and entropies) straight from the last hidden states and the LM-head weight,
 never materializing the ``[N, V]`` logits.
 
-Rows are processed in chunks of ``chunk_size``: ``logits_c = hidden_c @ weight.T (+ bias)``
-(ATen matmul) feeds the fused :func:`~fastrlhf.ops.token_logprobs` kernel; only per-row
-(max, log-sum) and entropy are kept. The backward recomputes each chunk's logits (one extra
-matmul, the price of never storing them), turns them into ``dlogits`` with the fused backward
-kernel and accumulates ``grad_hidden``, ``grad_weight`` (fp32 accumulator for 16-bit weights)
-and ``grad_bias``. Peak extra memory is about ``chunk_size x V`` logits instead of ``N x V``.
+CPU, fp32/fp64: a tiled kernel (``csrc/kernels/linear_token_logprobs.h``). For each chunk of
+``chunk_size`` tokens (default 512) and each vocabulary block (about 2^20 logits per tile, 4 MiB
+in fp32) one BLAS GEMM computes the tile ``W_block @ hidden_chunk.T``; the per-token
+log-sum-exp, chosen logit and entropy are updated online across blocks. The backward recomputes
+each tile, turns it into ``dlogits`` in place and accumulates ``grad_weight`` and
+``grad_hidden`` with two more GEMMs: four matmuls in all against the three of eager code that
+keeps the logits, the price of never storing them. Extra memory is the tile.
+
+Other devices and 16-bit CPU dtypes: row chunks of ``chunk_size`` tokens (default about 2^23
+logits) through ATen's matmul and the fused :func:`~fastrlhf.ops.token_logprobs` kernels, the
+backward likewise recomputing each chunk's logits (``grad_weight`` accumulated in fp32 for
+16-bit weights).
 """
 
 from __future__ import annotations
@@ -19,12 +25,6 @@ from fastrlhf.ops import reference
 from fastrlhf.ops.reference._acc import acc_dtype
 from fastrlhf.ops._common import Impl, check_index, check_like, check_tensor, use_kernel
 from fastrlhf.ops.token_logprobs import _check_temperature
-
-DEFAULT_CHUNK_ELEMENTS = 1 << 23  # logits elements per chunk (32 MiB in fp32)
-
-
-def default_chunk_size(vocab_size: int) -> int:
-    return max(1, DEFAULT_CHUNK_ELEMENTS // max(1, vocab_size))
 
 
 def linear_token_logprobs(
@@ -61,7 +61,7 @@ def linear_token_logprobs(
     tokens = check_index(op, "tokens", tokens, "hidden[..., 0]", hidden, shape=hidden.shape[:-1])
     temperature = _check_temperature(op, temperature)
     if chunk_size is None:
-        chunk_size = default_chunk_size(weight.shape[0])
+        chunk_size = 0  # the implementation's default
     elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"fastrlhf.ops.{op}: chunk_size must be a positive int, got {chunk_size!r}")
     if use_kernel(op, impl, hidden.device, hidden.dtype):

@@ -1,0 +1,220 @@
+// CPU launchers for linear_token_logprobs (tiling and math in ../linear_token_logprobs.h).
+#include "../linear_token_logprobs.h"
+
+#include <algorithm>
+#include <limits>
+
+namespace fastrlhf::kernels::linear_token_logprobs {
+namespace {
+
+using token_logprobs::exp_term;
+using token_logprobs::ExpTerm;
+using token_logprobs::finalize;
+using token_logprobs::grad_element;
+using token_logprobs::RowResult;
+
+template <typename T>
+struct Tile {
+  const T* hidden;
+  const T* weight;
+  const T* bias;
+  int64_t H;
+  int64_t n0, nc, v0, vc;  // token chunk and vocab block
+  T* data;                 // [vc, nc]: data[v * nc + n] = logit(token n0 + n, vocab v0 + v)
+
+  T bias_at(int64_t v) const { return bias != nullptr ? bias[v0 + v] : T(0); }
+  // data = W[v0:v0+vc] h[n0:n0+nc]^T (the bias is added where the tile is read)
+  void compute(const cpu::Gemm<T>& gemm) const {
+    gemm(false, true, vc, nc, H, T(1), weight + v0 * H, H, hidden + n0 * H, H, T(0), data, nc);
+  }
+};
+
+// Tokens (tile columns) per work unit of the statistics pass. The pass walks the tile's rows in
+// order, each row's kCols entries contiguous (so the hardware prefetcher streams the tile), and
+// keeps the unit's per-token accumulators in L1.
+constexpr int64_t kCols = 256;
+// Independent partial sums per grad_bias row (vectorized, short fp32 chains).
+constexpr int kLanes = 32;
+
+// Online row statistics of tokens [c, c + w) of the tile (w <= kCols): their running m, s, e
+// are updated with the tile's vc logits x = (logit + bias) * inv_t. Within the tile each token
+// sums vc terms in order; tiles are merged by the rescaling in linear_token_logprobs.h.
+template <typename T>
+void update_stats(const Tile<T>& t, int64_t c, int64_t w, T inv_t, T* m, T* s, T* e) {
+  constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  T bm[kCols], ref[kCols], ts[kCols], te[kCols];
+  for (int64_t l = 0; l < w; ++l) bm[l] = kNegInf, ts[l] = T(0), te[l] = T(0);
+  for (int64_t v = 0; v < t.vc; ++v) {
+    const T* row = t.data + v * t.nc + c;
+    const T b = t.bias_at(v);
+    for (int64_t l = 0; l < w; ++l) {
+      const T x = (row[l] + b) * inv_t;
+      bm[l] = x > bm[l] ? x : bm[l];
+    }
+  }
+  for (int64_t l = 0; l < w; ++l) {
+    const T mo = m[l], mn = bm[l] > mo ? bm[l] : mo;
+    // rescale the running sums to the new max; a token with no finite logit so far has none
+    const bool live = mo > kNegInf;
+    const T r = live ? fast_exp(mo - mn) : T(0);
+    e[l] = live ? r * (e[l] + s[l] * (mo - mn)) : T(0);
+    s[l] = live ? r * s[l] : T(0);
+    m[l] = mn;
+    ref[l] = mn > kNegInf ? mn : T(0);  // all -inf so far: exp(-inf - 0) = 0, not NaN
+  }
+  for (int64_t v = 0; v < t.vc; ++v) {
+    const T* row = t.data + v * t.nc + c;
+    const T b = t.bias_at(v);
+    for (int64_t l = 0; l < w; ++l) {
+      const ExpTerm<T> et = exp_term((row[l] + b) * inv_t, ref[l]);
+      ts[l] += et.ex;
+      te[l] += et.ex_d;
+    }
+  }
+  for (int64_t l = 0; l < w; ++l) s[l] += ts[l], e[l] += te[l];
+}
+
+// The chosen tokens' scaled logits that fall in this tile's vocab block -> x_tok.
+template <typename T>
+void gather_tokens(const Tile<T>& t, const int64_t* tokens, T inv_t, T* x_tok) {
+  for (int64_t n = 0; n < t.nc; ++n) {
+    const int64_t v = tokens[t.n0 + n] - t.v0;
+    if (v >= 0 && v < t.vc) x_tok[n] = (t.data[v * t.nc + n] + t.bias_at(v)) * inv_t;
+  }
+}
+
+template <typename T>
+Status run(const Params& p, const cpu::Blas& blas, const cpu::ParallelFor& parallel_for) {
+  const T inv_t = T(p.inv_temperature);
+  for (int64_t i = 0; i < p.N; ++i)
+    if (p.tokens[i] < 0 || p.tokens[i] >= p.V) return Status::kIndexOutOfRange;
+  const auto& gemm = blas.gemm<T>();
+  const int64_t NC = p.tiles.chunk, VC = p.tiles.block;
+  T* m = static_cast<T*>(p.scratch);
+  T* s = m + NC;
+  T* e = s + NC;
+  T* x_tok = e + NC;
+  for (int64_t n0 = 0; n0 < p.N; n0 += NC) {
+    const int64_t nc = std::min(NC, p.N - n0);
+    std::fill(m, m + nc, -std::numeric_limits<T>::infinity());
+    std::fill(s, s + nc, T(0));
+    std::fill(e, e + nc, T(0));
+    for (int64_t v0 = 0; v0 < p.V; v0 += VC) {
+      const Tile<T> t{static_cast<const T*>(p.hidden), static_cast<const T*>(p.weight), static_cast<const T*>(p.bias),
+                      p.H, n0, nc, v0, std::min(VC, p.V - v0), static_cast<T*>(p.tile)};
+      t.compute(gemm);
+      gather_tokens(t, p.tokens, inv_t, x_tok);
+      parallel_for((nc + kCols - 1) / kCols, 1, [&](int64_t u0, int64_t u1) {
+        const T it = inv_t;
+        for (int64_t c = u0 * kCols; c < std::min(nc, u1 * kCols); c += kCols)
+          update_stats(t, c, std::min(kCols, nc - c), it, m + c, s + c, e + c);
+      });
+    }
+    T* lp = static_cast<T*>(p.logprobs) + n0;
+    T* ent = static_cast<T*>(p.entropy) + n0;
+    T* stats = static_cast<T*>(p.row_stats) + 2 * n0;
+    for (int64_t n = 0; n < nc; ++n) {
+      const RowResult<T> r = finalize(m[n], s[n], e[n], x_tok[n]);
+      lp[n] = r.logprob, ent[n] = r.entropy;
+      stats[2 * n] = r.max, stats[2 * n + 1] = r.log_sum;
+    }
+  }
+  return Status::kOk;
+}
+
+template <typename T>
+Status run_backward(const BackwardParams& p, const cpu::Blas& blas, const cpu::ParallelFor& parallel_for) {
+  const T inv_t = T(p.inv_temperature);
+  const auto& gemm = blas.gemm<T>();
+  T* gw = static_cast<T*>(p.grad_weight);
+  T* gb = static_cast<T*>(p.grad_bias);
+  if (p.N == 0) {
+    std::fill(gw, gw + p.V * p.H, T(0));
+    if (gb != nullptr) std::fill(gb, gb + p.V, T(0));
+    return Status::kOk;
+  }
+  const int64_t NC = p.tiles.chunk, VC = p.tiles.block;
+  // per-chunk token vectors, contiguous so the tile pass vectorizes over tokens
+  T* m = static_cast<T*>(p.scratch);
+  T* log_s = m + NC;
+  T* ent = log_s + NC;
+  T* g = ent + NC;
+  T* h = g + NC;
+  T* x_tok = h + NC;
+  const T* stats = static_cast<const T*>(p.row_stats);
+  const bool with_entropy = p.grad_entropy != nullptr;
+  for (int64_t n0 = 0; n0 < p.N; n0 += NC) {
+    const int64_t nc = std::min(NC, p.N - n0);
+    for (int64_t n = 0; n < nc; ++n) {
+      m[n] = stats[2 * (n0 + n)], log_s[n] = stats[2 * (n0 + n) + 1];
+      ent[n] = static_cast<const T*>(p.entropy)[n0 + n];
+      g[n] = p.grad_logprobs != nullptr ? static_cast<const T*>(p.grad_logprobs)[n0 + n] : T(0);
+      h[n] = with_entropy ? static_cast<const T*>(p.grad_entropy)[n0 + n] : T(0);
+    }
+    for (int64_t v0 = 0; v0 < p.V; v0 += VC) {
+      const Tile<T> t{static_cast<const T*>(p.hidden), static_cast<const T*>(p.weight), static_cast<const T*>(p.bias),
+                      p.H, n0, nc, v0, std::min(VC, p.V - v0), static_cast<T*>(p.tile)};
+      t.compute(gemm);
+      gather_tokens(t, p.tokens, inv_t, x_tok);
+      // logits -> dlogits in place, rows (vocab entries) in parallel, vectorized over tokens
+      parallel_for(t.vc, std::max<int64_t>(1, (int64_t(1) << 15) / nc), [&](int64_t r0, int64_t r1) {
+        const T it = inv_t;  // locals, not captures: stores to the tile could alias captured floats
+        const T *mm = m, *ls = log_s, *H = ent, *gg = g, *hh = h;
+        const int64_t cols = nc;
+        for (int64_t v = r0; v < r1; ++v) {
+          T* row = t.data + v * cols;
+          const T b = t.bias_at(v);
+          if (!with_entropy) {  // dlogits = -g p / temperature
+            for (int64_t n = 0; n < cols; ++n)
+              row[n] = -gg[n] * it * fast_exp(((row[n] + b) * it - mm[n]) - ls[n]);
+          } else {
+            for (int64_t n = 0; n < cols; ++n)
+              row[n] = grad_element((row[n] + b) * it, mm[n], ls[n], H[n], gg[n], hh[n]) * it;
+          }
+        }
+      });
+      // the chosen tokens' + g, recomputed from their logit (as token_logprobs' backward)
+      for (int64_t n = 0; n < nc; ++n) {
+        const int64_t v = p.tokens[n0 + n] - v0;
+        if (v >= 0 && v < t.vc)
+          t.data[v * nc + n] = (grad_element(x_tok[n], m[n], log_s[n], ent[n], g[n], h[n]) + g[n]) * inv_t;
+      }
+      // grad_weight[v0:v0+vc] (+)= dL^T h_chunk;  grad_hidden_chunk (+)= dL W[v0:v0+vc]
+      gemm(false, false, t.vc, p.H, nc, T(1), t.data, nc, t.hidden + n0 * p.H, p.H, n0 == 0 ? T(0) : T(1),
+           gw + v0 * p.H, p.H);
+      gemm(true, false, nc, p.H, t.vc, T(1), t.data, nc, t.weight + v0 * p.H, p.H, v0 == 0 ? T(0) : T(1),
+           static_cast<T*>(p.grad_hidden) + n0 * p.H, p.H);
+      if (gb != nullptr) {
+        parallel_for(t.vc, std::max<int64_t>(1, (int64_t(1) << 15) / nc), [&](int64_t r0, int64_t r1) {
+          for (int64_t v = r0; v < r1; ++v) {
+            const T* row = t.data + v * nc;
+            T acc[kLanes] = {};
+            int64_t n = 0;
+            for (; n + kLanes <= nc; n += kLanes)
+              for (int l = 0; l < kLanes; ++l) acc[l] += row[n + l];
+            for (int l = 0; n < nc; ++n, ++l) acc[l] += row[n];
+            T sum = T(0);
+            for (int l = 0; l < kLanes; ++l) sum += acc[l];
+            gb[v0 + v] = (n0 == 0 ? T(0) : gb[v0 + v]) + sum;
+          }
+        });
+      }
+    }
+  }
+  return Status::kOk;
+}
+
+}  // namespace
+
+Status launch_cpu(const Params& p, DType dtype, const cpu::Blas& blas, const cpu::ParallelFor& parallel_for) {
+  if (dtype == DType::kFloat64) return run<double>(p, blas, parallel_for);
+  return run<float>(p, blas, parallel_for);
+}
+
+Status launch_backward_cpu(const BackwardParams& p, DType dtype, const cpu::Blas& blas,
+                           const cpu::ParallelFor& parallel_for) {
+  if (dtype == DType::kFloat64) return run_backward<double>(p, blas, parallel_for);
+  return run_backward<float>(p, blas, parallel_for);
+}
+
+}  // namespace fastrlhf::kernels::linear_token_logprobs
