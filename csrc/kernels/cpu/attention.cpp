@@ -167,6 +167,26 @@ void masked_exp(A* __restrict s, int64_t nk, int64_t vis, A base) {
   for (int64_t jj = 0; jj < nk; ++jj) s[jj] = jj < vis ? fast_exp(s[jj] - base) : A(0);
 }
 
+#if defined(FASTRLHF_SIMD_EXP)
+// fp32 on AVX-512: cpu::exp16 (half the instructions of the vectorized fast_exp), the partial
+// last vector masked.
+template <>
+void masked_exp<float>(float* __restrict s, int64_t nk, int64_t vis, float base) {
+  const int64_t lim = vis < nk ? vis : nk;
+  int64_t jj = 0;
+  if (lim > 0 && base != neg_inf<float>()) {
+    const __m512 b = _mm512_set1_ps(base);
+    for (; jj + 16 <= lim; jj += 16) _mm512_storeu_ps(s + jj, cpu::exp16(_mm512_sub_ps(_mm512_loadu_ps(s + jj), b)));
+    if (jj < lim) {
+      const __mmask16 k = __mmask16((1u << (lim - jj)) - 1u);
+      _mm512_mask_storeu_ps(s + jj, k, cpu::exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + jj), b)));
+      jj = lim;
+    }
+  }
+  std::fill(s + jj, s + nk, 0.0f);
+}
+#endif
+
 // One online-softmax step of a row over a chunk of scores s[0, nk), the first `vis` visible:
 // s becomes P = exp(s - m_new) (0 past vis), the running max m and sum l move to the chunk, and
 // the row's accumulator acc[0, D) is rescaled by exp(m_old - m_new) for the P V product to come.
