@@ -532,6 +532,26 @@ def test_decode_kernel_matches_reference(Tq, Hkv, D, device):
         assert_close(got[b:b + 1], row, what=f"row {b} vs attention")
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("D", [64, 96, 128, 80])
+@pytest.mark.parametrize("H,Hkv,Tq", [(4, 4, 1), (6, 2, 1), (8, 2, 1), (4, 1, 3), (3, 3, 2)])
+def test_decode_fp32_head_dims(D, H, Hkv, Tq, device):
+    """fp32 at the head dims with a register-blocked CPU path (64, 96, 128; 80 takes the generic
+    one): query rows per kv head odd and even (1, 3, 4, 12), several key tiles with a partial
+    last one, causal new tokens, NaN in the cache beyond each row's length."""
+    B, Tmax = 3, 150
+    q = randn(B, H, Tq, D, seed=84, device=device).float()
+    k = randn(B, Hkv, Tmax, D, seed=85, device=device).float()
+    v = randn(B, Hkv, Tmax, D, seed=86, device=device).float()
+    lens = torch.tensor([Tq, 64 + Tq, Tmax - 1], device=device)
+    beyond = (torch.arange(Tmax, device=device)[None, :] >= lens[:, None])[:, None, :, None]
+    got = decode_attention(q, k.masked_fill(beyond, float("nan")), v.masked_fill(beyond, float("nan")), lens,
+                           impl="kernel")
+    want = reference.decode_attention(q.double(), k.double(), v.double(), lens)
+    assert got.dtype == torch.float32
+    assert_close(got, want, rtol=0.0, atol=2e-6)
+
+
 @pytest.mark.parametrize("device,impl", PATHS)
 def test_decode_ignores_cache_beyond_seqlens(device, impl):
     """Cache slots at and after cache_seqlens[b] are never read: NaN / Inf there (e.g. a cache
