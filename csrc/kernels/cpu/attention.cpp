@@ -11,8 +11,10 @@
 // dot products and register-held P.V accumulators (a GEMM call per row would cost more); in
 // fp32 at D = 64 / 96 / 128 with two rows' q or accumulators held in registers at a time.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -41,6 +43,39 @@ std::vector<Task> tasks_for(const Params& p, int64_t heads, int64_t rows_per_blo
       for (int64_t blk = 0; blk < n_blocks; ++blk) t.push_back(Task{b, h, blk});
   }
   return t;
+}
+
+// Tasks handed out largest first, each pool thread taking the next one when it finishes its
+// last. Attention tasks differ in cost by up to T^2 (causal query blocks, varlen sequences and
+// padded rows of different lengths): a static split of the task list can leave one thread idle
+// for most of the call (a varlen batch with one long sequence did). Each task writes only its
+// own outputs, so the schedule never changes the result.
+class TaskQueue {
+ public:
+  explicit TaskQueue(const std::vector<int64_t>& cost) : order_(cost.size()) {
+    std::iota(order_.begin(), order_.end(), int64_t(0));
+    std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  }
+  int64_t size() const { return int64_t(order_.size()); }
+  // The next task, or -1 once all are taken.
+  int64_t next() {
+    const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
+    return i < size() ? order_[i] : -1;
+  }
+  // worker() (which sets up its buffers, then loops on next()) once per pool thread.
+  template <typename F>
+  void run(const cpu::ParallelFor& parallel_for, F&& worker) {
+    parallel_for(size(), 1, [&](int64_t, int64_t) { worker(); });
+  }
+
+ private:
+  std::vector<int64_t> order_;
+  std::atomic<int64_t> next_{0};
+};
+
+// Score-matrix entries a (sequence, query rows [i0, i1)) task computes: its cost.
+inline int64_t block_cost(const Seq& sq, int64_t i0, int64_t i1, bool causal) {
+  return (i1 - i0) * std::max<int64_t>(0, visible_end(sq, i1 - 1, causal) - sq.k_begin);
 }
 
 // Decode helpers. Rows [j0, j0 + n) of one kv head of K or V as accumulator-type values with
@@ -313,11 +348,17 @@ void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
   // size amortizes the per-row softmax step (64 keys at D = 128 cost ~25% less per key than 16)
   const int64_t tile = std::clamp<int64_t>(32768 / (D * int64_t(sizeof(A))), 8, kBK);
   const int fast_dv = std::is_same_v<A, float> && (D == 64 || D == 96 || D == 128) ? int(D / 16) : 0;
-  parallel_for(p.n_seq * p.Hkv, 1, [&](int64_t t0, int64_t t1) {
+  std::vector<int64_t> cost(p.n_seq * p.Hkv);
+  for (int64_t t = 0; t < int64_t(cost.size()); ++t) {
+    const Seq& sq = p.seqs[t / p.Hkv];
+    cost[t] = group * block_cost(sq, 0, sq.q_len, p.causal);
+  }
+  TaskQueue queue(cost);
+  queue.run(parallel_for, [&] {
     std::vector<A> q(max_rows * D), acc(max_rows * D), s(max_rows * kBK), m(max_rows), l(max_rows);
     std::vector<A> kbuf(std::is_same_v<S, A> ? 0 : kBK * D), vbuf(kbuf.size());
     std::vector<int64_t> vis_end(max_rows);
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t; (t = queue.next()) >= 0;) {
       const Seq& sq = p.seqs[t / p.Hkv];
       const int64_t hk = t % p.Hkv, nr = group * sq.q_len;  // row r = (head hk*group + r / q_len, i = r % q_len)
       if (nr == 0) continue;
@@ -387,10 +428,17 @@ void forward(const Params& p, const cpu::ParallelFor& parallel_for, const cpu::B
   const int64_t D = p.D, group = p.H / p.Hkv;
   const A scale = A(p.scale);
   const auto tasks = tasks_for(p, p.H, kQB, [](const Seq& s) { return s.q_len; });
-  parallel_for(int64_t(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+  std::vector<int64_t> cost(tasks.size());
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    const Seq& sq = p.seqs[tasks[t].seq];
+    const int64_t i0 = tasks[t].block * kQB;
+    cost[t] = block_cost(sq, i0, std::min(sq.q_len, i0 + kQB), p.causal);
+  }
+  TaskQueue queue(cost);
+  queue.run(parallel_for, [&] {
     std::vector<A> qbuf(std::is_same_v<S, A> ? 0 : kQB * D), kbuf(std::is_same_v<S, A> ? 0 : kKV * D),
         vbuf(kbuf.size()), sc(kQB * kKV), acc(kQB * D), m(kQB), l(kQB);
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t; (t = queue.next()) >= 0;) {
       const Task& tk = tasks[t];
       const Seq& sq = p.seqs[tk.seq];
       const int64_t h = tk.head, hk = h / group;
@@ -460,11 +508,17 @@ void backward(const Params& p, const cpu::ParallelFor& parallel_for, const cpu::
       }
     }
   });
-  parallel_for(p.n_seq * p.Hkv, 1, [&](int64_t t0, int64_t t1) {  // dQ, dK, dV
+  std::vector<int64_t> cost(p.n_seq * p.Hkv, 0);
+  for (int64_t t = 0; t < int64_t(cost.size()); ++t) {
+    const Seq& sq = p.seqs[t / p.Hkv];
+    for (int64_t i0 = 0; i0 < sq.q_len; i0 += kQB) cost[t] += block_cost(sq, i0, std::min(sq.q_len, i0 + kQB), p.causal);
+  }
+  TaskQueue queue(cost);
+  queue.run(parallel_for, [&] {  // dQ, dK, dV
     const bool stage = !std::is_same_v<S, A>;
     std::vector<A> qbuf(stage ? kQB * D : 0), gbuf(qbuf.size()), kbuf(stage ? kKV * D : 0), vbuf(kbuf.size());
     std::vector<A> sc(kQB * kKV), dp(kQB * kKV), dq(kQB * D), dk, dv;
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t; (t = queue.next()) >= 0;) {
       const Seq& sq = p.seqs[t / p.Hkv];
       const int64_t hk = t % p.Hkv, nkeys = sq.k_end;
       const S* K = static_cast<const S*>(p.k) + sq.k_off + hk * p.k_head_stride;
