@@ -533,10 +533,10 @@ def test_decode_kernel_matches_reference(Tq, Hkv, D, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("D", [64, 96, 128, 80])
+@pytest.mark.parametrize("D", [32, 64, 80, 96, 128, 256, 48])
 @pytest.mark.parametrize("H,Hkv,Tq", [(4, 4, 1), (6, 2, 1), (8, 2, 1), (4, 1, 3), (3, 3, 2)])
 def test_decode_fp32_head_dims(D, H, Hkv, Tq, device):
-    """fp32 at the head dims with a register-blocked CPU path (64, 96, 128; 80 takes the generic
+    """fp32 at the head dims with a register-blocked CPU path (32 ... 256; 48 takes the generic
     one): query rows per kv head odd and even (1, 3, 4, 12), several key tiles with a partial
     last one, causal new tokens, NaN in the cache beyond each row's length."""
     B, Tmax = 3, 150

@@ -9,7 +9,7 @@
 // fixed order: deterministic.
 // Decode (few query rows): K and V streamed once per (sequence, kv head) by hand-vectorized
 // dot products and register-held P.V accumulators (a GEMM call per row would cost more); in
-// fp32 at D = 64 / 96 / 128 with two rows' q or accumulators held in registers at a time.
+// fp32 at the common head dims with the rows' q or accumulators held in registers.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -118,24 +118,7 @@ void dot_keys(const A* __restrict q, int64_t nr, const A* __restrict k, int64_t 
     const A* __restrict k1 = k0 + ld;
     const A* __restrict k2 = k1 + ld;
     const A* __restrict k3 = k2 + ld;
-    int64_t r = 0;
-    if constexpr (std::is_same_v<A, float>) {  // explicit vectors, two rows at a time
-      const int64_t Dv = D & ~int64_t(15);
-      for (; r + 2 <= nr && Dv == D; r += 2) {
-        const float* __restrict q0 = q + r * D;
-        const float* __restrict q1 = q0 + D;
-        cpu::f32x16 a0{}, a1{}, a2{}, a3{}, b0{}, b1{}, b2{}, b3{};
-        for (int64_t d = 0; d < D; d += 16) {
-          const cpu::f32x16 x0 = cpu::load16(k0 + d), x1 = cpu::load16(k1 + d), x2 = cpu::load16(k2 + d),
-                            x3 = cpu::load16(k3 + d), u = cpu::load16(q0 + d), w = cpu::load16(q1 + d);
-          a0 += u * x0, a1 += u * x1, a2 += u * x2, a3 += u * x3;
-          b0 += w * x0, b1 += w * x1, b2 += w * x2, b3 += w * x3;
-        }
-        cpu::hsum4(a0, a1, a2, a3, s + r * ls + jj);
-        cpu::hsum4(b0, b1, b2, b3, s + (r + 1) * ls + jj);
-      }
-    }
-    for (; r < nr; ++r) {
+    for (int64_t r = 0; r < nr; ++r) {
       const A* __restrict qr = q + r * D;
       A a0 = 0, a1 = 0, a2 = 0, a3 = 0;
 #pragma omp simd reduction(+ : a0, a1, a2, a3)
@@ -192,9 +175,9 @@ void accumulate_values(const A* __restrict p, const A* __restrict v, int64_t ld,
   }
 }
 
-// fp32 decode for D = 16 * DV (64, 96, 128), R = 1 or 2 query rows at a time: the rows' q (for
-// scores) or output accumulators (for P.V) live in vector registers, so each K / V row loaded
-// serves both rows (the generic dot_keys / accumulate_values reload per row).
+// fp32 decode for D = 16 * DV, R = 1 or 2 query rows at a time: the rows' q (for scores) or
+// output accumulators (for P.V) live in vector registers, so each K / V row loaded serves R rows
+// and scores are summed by hsum4 (the generic dot_keys / accumulate_values reload per row).
 // s[rr * ls + jj] = q_rr . k_jj for keys jj < n.
 template <int DV, int R>
 void dot_keys_f32(const float* __restrict q, const float* __restrict k, int64_t ld, int64_t n,
@@ -308,28 +291,38 @@ void online_softmax_step(A* __restrict s, int64_t nk, int64_t vis, A& m, A& l, A
   for (int64_t d = 0; d < D; ++d) acc[d] *= corr;
 }
 
-// One decode tile in fp32 for D = 16 * dv: scores of all nr rows against the n keys (s, row
+// One decode tile in fp32 for D = 16 * DV: scores of all nr rows against the n keys (s, row
 // stride kBK), softmax_step(r) per row (turns row r of s into P, rescales acc row r), then
-// acc += P V, rows in pairs.
+// acc += P V. Rows in pairs up to D = 128; one at a time at D = 256 (16 registers of q or acc).
 template <int DV, typename F>
 void decode_tile_f32(const float* q, int64_t nr, const float* k, int64_t kld, const float* v, int64_t vld, int64_t n,
                      float* s, float* acc, F&& softmax_step) {
   constexpr int64_t D = 16 * DV;
+  constexpr int R = DV <= 8 ? 2 : 1;
   int64_t r = 0;
-  for (; r + 2 <= nr; r += 2) dot_keys_f32<DV, 2>(q + r * D, k, kld, n, s + r * kBK, kBK);
+  for (; r + R <= nr; r += R) dot_keys_f32<DV, R>(q + r * D, k, kld, n, s + r * kBK, kBK);
   if (r < nr) dot_keys_f32<DV, 1>(q + r * D, k, kld, n, s + r * kBK, kBK);
   for (r = 0; r < nr; ++r) softmax_step(r);
-  for (r = 0; r + 2 <= nr; r += 2) accumulate_values_f32<DV, 2>(s + r * kBK, kBK, v, vld, n, acc + r * D);
+  for (r = 0; r + R <= nr; r += R) accumulate_values_f32<DV, R>(s + r * kBK, kBK, v, vld, n, acc + r * D);
   if (r < nr) accumulate_values_f32<DV, 1>(s + r * kBK, kBK, v, vld, n, acc + r * D);
 }
 
+// The head dims with a register-blocked fp32 decode tile; others take the generic one.
+inline bool decode_tile_f32_supported(int64_t D) {
+  return D == 32 || D == 64 || D == 80 || D == 96 || D == 112 || D == 128 || D == 256;
+}
+
 template <typename F>
-void decode_tile_f32(int dv, const float* q, int64_t nr, const float* k, int64_t kld, const float* v, int64_t vld,
+void decode_tile_f32(int64_t D, const float* q, int64_t nr, const float* k, int64_t kld, const float* v, int64_t vld,
                      int64_t n, float* s, float* acc, F&& softmax_step) {
-  switch (dv) {
+  switch (D / 16) {
+    case 2: return decode_tile_f32<2>(q, nr, k, kld, v, vld, n, s, acc, softmax_step);
     case 4: return decode_tile_f32<4>(q, nr, k, kld, v, vld, n, s, acc, softmax_step);
+    case 5: return decode_tile_f32<5>(q, nr, k, kld, v, vld, n, s, acc, softmax_step);
     case 6: return decode_tile_f32<6>(q, nr, k, kld, v, vld, n, s, acc, softmax_step);
-    default: return decode_tile_f32<8>(q, nr, k, kld, v, vld, n, s, acc, softmax_step);
+    case 7: return decode_tile_f32<7>(q, nr, k, kld, v, vld, n, s, acc, softmax_step);
+    case 8: return decode_tile_f32<8>(q, nr, k, kld, v, vld, n, s, acc, softmax_step);
+    default: return decode_tile_f32<16>(q, nr, k, kld, v, vld, n, s, acc, softmax_step);
   }
 }
 
@@ -347,7 +340,7 @@ void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
   // keys per tile: 32 KiB of K (and of V), read once per pair of rows from L1/L2; a tile this
   // size amortizes the per-row softmax step (64 keys at D = 128 cost ~25% less per key than 16)
   const int64_t tile = std::clamp<int64_t>(32768 / (D * int64_t(sizeof(A))), 8, kBK);
-  const int fast_dv = std::is_same_v<A, float> && (D == 64 || D == 96 || D == 128) ? int(D / 16) : 0;
+  const bool fast = std::is_same_v<A, float> && decode_tile_f32_supported(D);
   std::vector<int64_t> cost(p.n_seq * p.Hkv);
   for (int64_t t = 0; t < int64_t(cost.size()); ++t) {
     const Seq& sq = p.seqs[t / p.Hkv];
@@ -381,8 +374,8 @@ void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
         const A* vt = as_acc_rows(V, j0, n, p.k_row_stride, D, vbuf.data(), &vld);
         prefetch_rows(K, V, std::min(j1, k_hi), std::min(j1 + tile, k_hi), p.k_row_stride, D);
         if constexpr (std::is_same_v<A, float>) {
-          if (fast_dv != 0) {  // rows in pairs: scores, then each row's softmax step, then P.V
-            decode_tile_f32(fast_dv, q.data(), nr, kt, kld, vt, vld, n, s.data(), acc.data(), [&](int64_t r) {
+          if (fast) {  // scores, then each row's softmax step, then P.V; rows in registers
+            decode_tile_f32(D, q.data(), nr, kt, kld, vt, vld, n, s.data(), acc.data(), [&](int64_t r) {
               const int64_t vis = std::min(j1, vis_end[r]) - j0;
               A* sr = s.data() + r * kBK;
               if (vis <= 0) std::fill(sr, sr + n, A(0));
