@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "../sample.h"
+#include "simd.h"
 
 namespace fastrlhf::kernels::sample {
 namespace {
@@ -93,6 +94,19 @@ void load_chunk(const S* x, int64_t len, float* out, float& max_out, int64_t& na
 float sum_exp(float* x, int64_t len, float shift, bool write) {
   float s[kLanes] = {};
   int64_t j = 0;
+#if defined(FASTRLHF_SIMD_EXP)  // AVX-512: cpu::exp16, same 2 x 16 lanes
+  {
+    const __m512 sh = _mm512_set1_ps(shift);
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    for (; j + kLanes <= len; j += kLanes) {
+      const __m512 e0 = cpu::exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j), sh));
+      const __m512 e1 = cpu::exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), sh));
+      if (write) _mm512_storeu_ps(x + j, e0), _mm512_storeu_ps(x + j + 16, e1);
+      s0 = _mm512_add_ps(s0, e0), s1 = _mm512_add_ps(s1, e1);
+    }
+    _mm512_storeu_ps(s, s0), _mm512_storeu_ps(s + 16, s1);
+  }
+#endif
   for (; j + kLanes <= len; j += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
       const float e = fast_exp(x[j + l] - shift);
