@@ -12,8 +12,8 @@
 //   grad_bias[v0:v0+vc] (+)= row sums of dL^T.
 // Loops: token chunks outer, vocab blocks inner, so a chunk's grad_hidden stays in cache and
 // each block of grad_weight is read and written once per chunk. Only the tile (vc x nc) and a
-// few [nc] vectors are allocated; for fixed tile sizes, results do not depend on the thread count
-// (up to the BLAS).
+// few [nc] vectors are allocated. Each GEMM runs as fixed panels, one single-threaded BLAS call
+// each: for given tile sizes, results do not depend on the thread count.
 #pragma once
 
 #include "common.h"
@@ -28,8 +28,8 @@ struct Tiles {
   int64_t block = 0;  // vocab rows per block (vc)
 };
 
-// chunk_size > 0: that many tokens per chunk; 0: 512. The vocab block then holds about
-// kTileElements / chunk logits (at least 256 rows, at most V).
+// chunk_size > 0: that many tokens per chunk; 0: 512. The vocab block has kTileElements / chunk
+// rows (at least 256, at most V): a tile of 2^20 logits up to chunks of 4096 tokens.
 constexpr int64_t kDefaultChunk = 512;
 constexpr int64_t kTileElements = int64_t(1) << 20;  // 4 MiB of fp32 logits
 inline Tiles choose_tiles(int64_t N, int64_t V, int64_t chunk_size) {

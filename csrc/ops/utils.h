@@ -75,18 +75,27 @@ inline k::cpu::ParallelFor torch_parallel_for() {
 // The BLAS torch links (MKL on x86 wheels, OpenBLAS elsewhere) for kernels that multiply tiles
 // (csrc/kernels/cpu/blas.h). Its Fortran sgemm_/dgemm_ are called directly when the torch
 // library exports them (weak symbols: no load failure where it does not), else ATen's addmm on
-// views of the buffers. Inside an at::parallel_for region the BLAS runs single-threaded.
+// views of the buffers. Each call runs single-threaded (MKL: a thread-local setting; elsewhere
+// inside an at::parallel_for region): the kernels parallelize over their own tiles, and a BLAS
+// that splits one product over threads would round differently for another thread count.
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*, const int*,
             const float*, const int*, const float*, float*, const int*) __attribute__((weak));
 void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*, const int*,
             const double*, const int*, const double*, double*, const int*) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 }
 
 template <typename T>
 k::cpu::Gemm<T> torch_gemm() {
   return [](bool ta, bool tb, int64_t m, int64_t n, int64_t kk, T alpha, const T* a, int64_t lda, const T* b,
             int64_t ldb, T beta, T* c, int64_t ldc) {
+    if (m == 0 || n == 0) return;
+    if (kk == 0) {  // C = beta C (BLAS would reject the leading dimensions of empty A / B)
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+      return;
+    }
     auto* fortran = [] {
       if constexpr (std::is_same_v<T, float>) return sgemm_;
       else return dgemm_;
@@ -96,7 +105,9 @@ k::cpu::Gemm<T> torch_gemm() {
       // column-major BLAS: the row-major C = op(A) op(B) is the column-major C^T = op(B)^T op(A)^T
       const char tra = tb ? 'T' : 'N', trb = ta ? 'T' : 'N';
       const int M = int(n), N = int(m), K = int(kk), LDA = int(ldb), LDB = int(lda), LDC = int(ldc);
+      const int before = MKL_Set_Num_Threads_Local != nullptr ? MKL_Set_Num_Threads_Local(1) : 0;
       fortran(&tra, &trb, &M, &N, &K, &alpha, b, &LDA, a, &LDB, &beta, c, &LDC);
+      if (MKL_Set_Num_Threads_Local != nullptr) MKL_Set_Num_Threads_Local(before);
       return;
     }
     const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);

@@ -132,7 +132,8 @@ def test_online_statistics_across_vocab_blocks(case):
 
 
 def test_logprob_only_gradient_across_vocab_blocks():
-    """grad_entropy is None (only log-probs used): the kernel's fast path, across blocks."""
+    """Only log-probs used: the entropy gradient reaches the kernel as None (no materialized
+    zeros), its log-prob-only path, across blocks."""
     inp = make_inputs((4096,), 4, 600, seed=12)
     grads = []
     for impl in ("kernel", "reference"):
@@ -144,6 +145,34 @@ def test_logprob_only_gradient_across_vocab_blocks():
         grads.append((lp.detach(), h.grad, W.grad, b.grad))
     for name, a, b in zip(("logprobs", "grad_hidden", "grad_weight", "grad_bias"), *grads):
         assert_close(a, b, what=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_zero_hidden_size(dtype):
+    """H = 0: the logits are the bias alone (the BLAS is never handed empty operands)."""
+    inp = make_inputs((2, 3), 0, 7, dtype=dtype, seed=14)
+    k = forward_backward(**inp, chunk_size=4)
+    r = forward_backward(**inp, impl="reference")
+    assert_all_close(k, r)
+    assert_close(k[0], torch.log_softmax(inp["bias"], 0)[inp["tokens"]], what="logprobs")
+
+
+def test_bitwise_identical_for_any_thread_count():
+    """fp32 CPU kernel: the tile GEMMs run as fixed panels of single-threaded BLAS calls, so 1 and
+    2 threads give the same bits (a multi-threaded BLAS rounded the narrow last vocab block
+    differently); uneven chunks (700 + 700 + 100 tokens) and vocab blocks (1497 + 1497 + 6)."""
+    inp = make_inputs((1500,), 64, 3000, dtype=torch.float32, seed=13)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a, b = (forward_backward(**inp, chunk_size=700) for _ in range(2))
+        torch.set_num_threads(1)
+        c = forward_backward(**inp, chunk_size=700)
+    finally:
+        torch.set_num_threads(before)
+    for other in (b, c):
+        for name, x, y in zip(NAMES, a, other):
+            assert torch.equal(x, y), name
 
 
 @pytest.mark.parametrize("device", DEVICES)

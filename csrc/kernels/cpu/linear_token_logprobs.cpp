@@ -13,6 +13,17 @@ using token_logprobs::finalize;
 using token_logprobs::grad_element;
 using token_logprobs::RowResult;
 
+// The GEMMs run as fixed panels (tokens or vocab rows) inside parallel_for, each panel one
+// single-threaded BLAS call: a multi-threaded BLAS may round differently for other thread
+// counts, and results must not depend on them (cpu/parallel.h).
+constexpr int64_t kTokenPanel = 128, kVocabPanel = 256;
+template <typename F>
+void for_panels(int64_t n, int64_t panel, const cpu::ParallelFor& parallel_for, F&& f) {
+  parallel_for((n + panel - 1) / panel, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t q = p0; q < p1; ++q) f(q * panel, std::min(n, (q + 1) * panel));
+  });
+}
+
 template <typename T>
 struct Tile {
   const T* hidden;
@@ -24,8 +35,24 @@ struct Tile {
 
   T bias_at(int64_t v) const { return bias != nullptr ? bias[v0 + v] : T(0); }
   // data = W[v0:v0+vc] h[n0:n0+nc]^T (the bias is added where the tile is read)
-  void compute(const cpu::Gemm<T>& gemm) const {
-    gemm(false, true, vc, nc, H, T(1), weight + v0 * H, H, hidden + n0 * H, H, T(0), data, nc);
+  void compute(const cpu::Gemm<T>& gemm, const cpu::ParallelFor& parallel_for) const {
+    for_panels(nc, kTokenPanel, parallel_for, [&](int64_t a, int64_t b) {
+      gemm(false, true, vc, b - a, H, T(1), weight + v0 * H, H, hidden + (n0 + a) * H, H, T(0), data + a, nc);
+    });
+  }
+  // grad_weight[v0:v0+vc] (+)= dL^T h_chunk, with data = dL^T; accumulate: beta = 1
+  void grad_weight(const cpu::Gemm<T>& gemm, const cpu::ParallelFor& parallel_for, bool accumulate, T* gw) const {
+    for_panels(vc, kVocabPanel, parallel_for, [&](int64_t a, int64_t b) {
+      gemm(false, false, b - a, H, nc, T(1), data + a * nc, nc, hidden + n0 * H, H, accumulate ? T(1) : T(0),
+           gw + (v0 + a) * H, H);
+    });
+  }
+  // grad_hidden[n0:n0+nc] (+)= dL W[v0:v0+vc]
+  void grad_hidden(const cpu::Gemm<T>& gemm, const cpu::ParallelFor& parallel_for, bool accumulate, T* gh) const {
+    for_panels(nc, kTokenPanel, parallel_for, [&](int64_t a, int64_t b) {
+      gemm(true, false, b - a, H, vc, T(1), data + a, nc, weight + v0 * H, H, accumulate ? T(1) : T(0),
+           gh + (n0 + a) * H, H);
+    });
   }
 };
 
@@ -102,7 +129,7 @@ Status run(const Params& p, const cpu::Blas& blas, const cpu::ParallelFor& paral
     for (int64_t v0 = 0; v0 < p.V; v0 += VC) {
       const Tile<T> t{static_cast<const T*>(p.hidden), static_cast<const T*>(p.weight), static_cast<const T*>(p.bias),
                       p.H, n0, nc, v0, std::min(VC, p.V - v0), static_cast<T*>(p.tile)};
-      t.compute(gemm);
+      t.compute(gemm, parallel_for);
       gather_tokens(t, p.tokens, inv_t, x_tok);
       parallel_for((nc + kCols - 1) / kCols, 1, [&](int64_t u0, int64_t u1) {
         const T it = inv_t;
@@ -154,7 +181,7 @@ Status run_backward(const BackwardParams& p, const cpu::Blas& blas, const cpu::P
     for (int64_t v0 = 0; v0 < p.V; v0 += VC) {
       const Tile<T> t{static_cast<const T*>(p.hidden), static_cast<const T*>(p.weight), static_cast<const T*>(p.bias),
                       p.H, n0, nc, v0, std::min(VC, p.V - v0), static_cast<T*>(p.tile)};
-      t.compute(gemm);
+      t.compute(gemm, parallel_for);
       gather_tokens(t, p.tokens, inv_t, x_tok);
       // logits -> dlogits in place, rows (vocab entries) in parallel, vectorized over tokens
       parallel_for(t.vc, std::max<int64_t>(1, (int64_t(1) << 15) / nc), [&](int64_t r0, int64_t r1) {
@@ -179,11 +206,8 @@ Status run_backward(const BackwardParams& p, const cpu::Blas& blas, const cpu::P
         if (v >= 0 && v < t.vc)
           t.data[v * nc + n] = (grad_element(x_tok[n], m[n], log_s[n], ent[n], g[n], h[n]) + g[n]) * inv_t;
       }
-      // grad_weight[v0:v0+vc] (+)= dL^T h_chunk;  grad_hidden_chunk (+)= dL W[v0:v0+vc]
-      gemm(false, false, t.vc, p.H, nc, T(1), t.data, nc, t.hidden + n0 * p.H, p.H, n0 == 0 ? T(0) : T(1),
-           gw + v0 * p.H, p.H);
-      gemm(true, false, nc, p.H, t.vc, T(1), t.data, nc, t.weight + v0 * p.H, p.H, v0 == 0 ? T(0) : T(1),
-           static_cast<T*>(p.grad_hidden) + n0 * p.H, p.H);
+      t.grad_weight(gemm, parallel_for, n0 > 0, gw);
+      t.grad_hidden(gemm, parallel_for, v0 > 0, static_cast<T*>(p.grad_hidden));
       if (gb != nullptr) {
         parallel_for(t.vc, std::max<int64_t>(1, (int64_t(1) << 15) / nc), [&](int64_t r0, int64_t r1) {
           for (int64_t v = r0; v < r1; ++v) {

@@ -60,7 +60,8 @@ void row_sums(const S* x, int64_t V, A inv_t, A m, A& s_out, A& e_out, const S* 
 
 #if defined(FASTRLHF_SIMD_EXP)
 // fp32 logits on AVX-512: the exp pass on explicit vectors (cpu::exp16, half the instructions of
-// the auto-vectorized loop); 2 x 16 accumulator lanes as above, the tail as above.
+// the auto-vectorized loop); 2 x 16 accumulator lanes as above, reduced before the
+// tail is added (a fixed order, not the portable loop's).
 template <>
 void row_sums<float, float>(const float* x, int64_t V, float inv_t, float m, float& s_out, float& e_out,
                             const float* next) {

@@ -67,7 +67,7 @@ def linear_token_logprobs(
     if use_kernel(op, impl, hidden.device, hidden.dtype):
         lead, H = hidden.shape[:-1], hidden.shape[-1]
         lp, ent, _ = torch.ops.fastrlhf.linear_token_logprobs.default(
-            hidden.reshape(-1, H), weight, tokens.reshape(-1), bias, temperature, chunk_size
+            hidden.reshape(lead.numel(), H), weight, tokens.reshape(-1), bias, temperature, chunk_size
         )
         lp, ent = lp.view(lead), ent.view(lead)
     else:
@@ -112,6 +112,7 @@ if _ext.extension_available():
     def _setup_context(ctx, inputs, output):
         hidden, weight, tokens, bias, temperature, chunk_size = inputs
         _, entropy, row_stats = output
+        ctx.set_materialize_grads(False)  # an unused entropy output -> None: the log-prob-only backward
         ctx.save_for_backward(hidden, weight, tokens, bias, row_stats, entropy)
         ctx.temperature, ctx.chunk_size = temperature, chunk_size
         ctx.mark_non_differentiable(row_stats)
