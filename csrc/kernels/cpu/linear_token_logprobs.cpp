@@ -13,14 +13,20 @@ using token_logprobs::finalize;
 using token_logprobs::grad_element;
 using token_logprobs::RowResult;
 
-// The GEMMs run as fixed panels (tokens or vocab rows) inside parallel_for, each panel one
-// single-threaded BLAS call: a multi-threaded BLAS may round differently for other thread
-// counts, and results must not depend on them (cpu/parallel.h).
-constexpr int64_t kTokenPanel = 128, kVocabPanel = 256;
+// The GEMMs run as a fixed grid of panels inside parallel_for, each panel one single-threaded
+// BLAS call (csrc/ops/utils.h torch_gemm): results do not depend on the thread count
+// (cpu/parallel.h), and a 512-token chunk still gives 16-32 panels for many-core machines.
+// Panels split only output dimensions, never a sum.
+constexpr int64_t kTokenPanel = 128, kVocabPanel = 256, kHiddenPanel = 256;
 template <typename F>
-void for_panels(int64_t n, int64_t panel, const cpu::ParallelFor& parallel_for, F&& f) {
-  parallel_for((n + panel - 1) / panel, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t q = p0; q < p1; ++q) f(q * panel, std::min(n, (q + 1) * panel));
+void for_panels(int64_t rows, int64_t row_panel, int64_t cols, int64_t col_panel, const cpu::ParallelFor& parallel_for,
+                F&& f) {
+  const int64_t pr = (rows + row_panel - 1) / row_panel, pc = (cols + col_panel - 1) / col_panel;
+  parallel_for(pr * pc, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t q = p0; q < p1; ++q) {
+      const int64_t r0 = q / pc * row_panel, c0 = q % pc * col_panel;
+      f(r0, std::min(rows, r0 + row_panel), c0, std::min(cols, c0 + col_panel));
+    }
   });
 }
 
@@ -36,22 +42,23 @@ struct Tile {
   T bias_at(int64_t v) const { return bias != nullptr ? bias[v0 + v] : T(0); }
   // data = W[v0:v0+vc] h[n0:n0+nc]^T (the bias is added where the tile is read)
   void compute(const cpu::Gemm<T>& gemm, const cpu::ParallelFor& parallel_for) const {
-    for_panels(nc, kTokenPanel, parallel_for, [&](int64_t a, int64_t b) {
-      gemm(false, true, vc, b - a, H, T(1), weight + v0 * H, H, hidden + (n0 + a) * H, H, T(0), data + a, nc);
+    for_panels(vc, kVocabPanel, nc, kTokenPanel, parallel_for, [&](int64_t v, int64_t v1, int64_t n, int64_t n1) {
+      gemm(false, true, v1 - v, n1 - n, H, T(1), weight + (v0 + v) * H, H, hidden + (n0 + n) * H, H, T(0),
+           data + v * nc + n, nc);
     });
   }
   // grad_weight[v0:v0+vc] (+)= dL^T h_chunk, with data = dL^T; accumulate: beta = 1
   void grad_weight(const cpu::Gemm<T>& gemm, const cpu::ParallelFor& parallel_for, bool accumulate, T* gw) const {
-    for_panels(vc, kVocabPanel, parallel_for, [&](int64_t a, int64_t b) {
-      gemm(false, false, b - a, H, nc, T(1), data + a * nc, nc, hidden + n0 * H, H, accumulate ? T(1) : T(0),
-           gw + (v0 + a) * H, H);
+    for_panels(vc, kVocabPanel, H, kHiddenPanel, parallel_for, [&](int64_t v, int64_t v1, int64_t d, int64_t d1) {
+      gemm(false, false, v1 - v, d1 - d, nc, T(1), data + v * nc, nc, hidden + n0 * H + d, H,
+           accumulate ? T(1) : T(0), gw + (v0 + v) * H + d, H);
     });
   }
   // grad_hidden[n0:n0+nc] (+)= dL W[v0:v0+vc]
   void grad_hidden(const cpu::Gemm<T>& gemm, const cpu::ParallelFor& parallel_for, bool accumulate, T* gh) const {
-    for_panels(nc, kTokenPanel, parallel_for, [&](int64_t a, int64_t b) {
-      gemm(true, false, b - a, H, vc, T(1), data + a, nc, weight + v0 * H, H, accumulate ? T(1) : T(0),
-           gh + (n0 + a) * H, H);
+    for_panels(nc, kTokenPanel, H, kHiddenPanel, parallel_for, [&](int64_t n, int64_t n1, int64_t d, int64_t d1) {
+      gemm(true, false, n1 - n, d1 - d, vc, T(1), data + n, nc, weight + v0 * H + d, H, accumulate ? T(1) : T(0),
+           gh + (n0 + n) * H + d, H);
     });
   }
 };
@@ -59,7 +66,7 @@ struct Tile {
 // Tokens (tile columns) per work unit of the statistics pass. The pass walks the tile's rows in
 // order, each row's kCols entries contiguous (so the hardware prefetcher streams the tile), and
 // keeps the unit's per-token accumulators in L1.
-constexpr int64_t kCols = 256;
+constexpr int64_t kCols = 64;
 // Independent partial sums per grad_bias row (vectorized, short fp32 chains).
 constexpr int kLanes = 32;
 
