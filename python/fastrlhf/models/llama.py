@@ -148,7 +148,8 @@ def pack_linears(*layers: nn.Module) -> nn.Linear | None:
     if not all(type(m) is nn.Linear for m in layers):
         return None
     w = torch.cat([m.weight.detach() for m in layers])
-    packed = nn.Linear(w.shape[1], w.shape[0], bias=layers[0].bias is not None, device=w.device, dtype=w.dtype)
+    # built on the meta device: nn.Linear's random init of a weight replaced right away cost ~2 ms a layer
+    packed = nn.Linear(w.shape[1], w.shape[0], bias=layers[0].bias is not None, device="meta", dtype=w.dtype)
     packed.weight = nn.Parameter(w, requires_grad=False)
     if packed.bias is not None:
         packed.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]), requires_grad=False)
