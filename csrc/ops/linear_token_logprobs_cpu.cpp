@@ -3,6 +3,7 @@
 #include "linear_token_logprobs.h"
 
 #include "../kernels/linear_token_logprobs.h"
+#include "token_logprobs.h"
 
 namespace fastrlhf::ops {
 namespace {
@@ -54,18 +55,10 @@ LinearLogprobsOutputs linear_token_logprobs_backward_cpu(
   check_linear_token_logprobs(hidden, weight, tokens, bias, temperature, chunk_size);
   const int64_t N = hidden.size(0);
   const auto dtype = hidden.scalar_type();
-  auto row_vec = [&](const Tensor& t, const char* name) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "fastrlhf: ", name, " must be [N] = [", N, "], got ", t.sizes());
-    TORCH_CHECK(t.device() == hidden.device(), "fastrlhf: ", name, " must be on ", hidden.device());
-    return t.to(dtype).contiguous();
-  };
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == N && row_stats.size(1) == 2,
-              "fastrlhf: row_stats must be [N, 2], got ", row_stats.sizes());
+  const BackwardRows rows = prepare_backward_rows(grad_logprobs, grad_entropy, row_stats, entropy, N,
+                                                  hidden.device(), dtype);  // fp32 / fp64: dtype = accumulator
   const Tensor h = hidden.contiguous(), w = weight.contiguous(), tok = tokens.contiguous();
-  const Tensor stats = row_stats.to(dtype).contiguous(), ent = row_vec(entropy, "entropy");
-  Tensor gl, ge, b;
-  if (grad_logprobs.has_value()) gl = row_vec(*grad_logprobs, "grad_logprobs");
-  if (grad_entropy.has_value()) ge = row_vec(*grad_entropy, "grad_entropy");
+  Tensor b;
   ltl::BackwardParams p;
   p.N = N, p.H = h.size(1), p.V = w.size(0);
   p.tiles = ltl::choose_tiles(p.N, p.V, chunk_size);
@@ -73,10 +66,11 @@ LinearLogprobsOutputs linear_token_logprobs_backward_cpu(
   Tensor grad_hidden = at::empty_like(h), grad_weight = at::empty_like(w);
   Tensor grad_bias = at::empty({bias.has_value() ? p.V : 0}, opts);
   Tensor tile = at::empty({p.tiles.block * p.tiles.chunk}, opts), scratch = at::empty({6 * p.tiles.chunk}, opts);
-  p.grad_logprobs = gl.defined() ? gl.const_data_ptr() : nullptr;
-  p.grad_entropy = ge.defined() ? ge.const_data_ptr() : nullptr;
+  p.grad_logprobs = rows.grad_logprobs.defined() ? rows.grad_logprobs.const_data_ptr() : nullptr;
+  p.grad_entropy = rows.grad_entropy.defined() ? rows.grad_entropy.const_data_ptr() : nullptr;
   p.hidden = h.const_data_ptr(), p.weight = w.const_data_ptr(), p.bias = bias_ptr(bias, b);
-  p.tokens = tok.const_data_ptr<int64_t>(), p.row_stats = stats.const_data_ptr(), p.entropy = ent.const_data_ptr();
+  p.tokens = tok.const_data_ptr<int64_t>();
+  p.row_stats = rows.row_stats.const_data_ptr(), p.entropy = rows.entropy.const_data_ptr();
   p.grad_hidden = grad_hidden.data_ptr(), p.grad_weight = grad_weight.data_ptr();
   p.grad_bias = bias.has_value() ? grad_bias.data_ptr() : nullptr;
   p.tile = tile.data_ptr(), p.scratch = scratch.data_ptr();

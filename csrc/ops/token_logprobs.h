@@ -46,6 +46,33 @@ struct TokenLogprobsBackwardCall {
   k::DType dtype;
 };
 
+// The backward's per-row inputs -- upstream grads [N] (either may be absent), the saved
+// row_stats [N, 2] and entropy [N] -- checked and made contiguous in the accumulator dtype.
+// Shared with linear_token_logprobs' CPU backward.
+struct BackwardRows {
+  Tensor grad_logprobs, grad_entropy, row_stats, entropy;  // undefined where a grad is absent
+};
+
+inline BackwardRows prepare_backward_rows(const std::optional<Tensor>& grad_logprobs,
+                                          const std::optional<Tensor>& grad_entropy, const Tensor& row_stats,
+                                          const Tensor& entropy, int64_t N, const c10::Device& device,
+                                          at::ScalarType acc) {
+  auto row_vec = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == N, "fastrlhf: ", name, " must be [N] = [", N, "], got ", t.sizes());
+    TORCH_CHECK(t.device() == device, "fastrlhf: ", name, " must be on ", device);
+    return t.to(acc).contiguous();
+  };
+  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == N && row_stats.size(1) == 2,
+              "fastrlhf: row_stats must be [N, 2], got ", row_stats.sizes());
+  TORCH_CHECK(row_stats.device() == device, "fastrlhf: row_stats must be on ", device);
+  BackwardRows r;
+  r.row_stats = row_stats.to(acc).contiguous();
+  r.entropy = row_vec(entropy, "entropy");
+  if (grad_logprobs.has_value()) r.grad_logprobs = row_vec(*grad_logprobs, "grad_logprobs");
+  if (grad_entropy.has_value()) r.grad_entropy = row_vec(*grad_entropy, "grad_entropy");
+  return r;
+}
+
 inline TokenLogprobsBackwardCall prepare_token_logprobs_backward(
     const std::optional<Tensor>& grad_logprobs, const std::optional<Tensor>& grad_entropy,
     const Tensor& logits, const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
@@ -53,22 +80,13 @@ inline TokenLogprobsBackwardCall prepare_token_logprobs_backward(
   check_logits_tokens(logits, tokens, temperature);
   const auto acc = acc_type(logits.scalar_type());
   TokenLogprobsBackwardCall c;
-  auto row_vec = [&](const Tensor& t, const char* name) {
-    TORCH_CHECK(t.dim() == 1 && t.size(0) == logits.size(0), "fastrlhf: ", name, " must be [N], got ",
-                t.sizes());
-    TORCH_CHECK(t.device() == logits.device(), "fastrlhf: ", name, " must be on ", logits.device());
-    return t.to(acc).contiguous();
-  };
   c.dtype = to_kernel_dtype(logits.scalar_type());
   c.logits = logits.contiguous();
   c.tokens = tokens.contiguous();
-  TORCH_CHECK(row_stats.dim() == 2 && row_stats.size(0) == logits.size(0) && row_stats.size(1) == 2,
-              "fastrlhf: row_stats must be [N, 2], got ", row_stats.sizes());
-  TORCH_CHECK(row_stats.device() == logits.device(), "fastrlhf: row_stats must be on ", logits.device());
-  c.row_stats = row_stats.to(acc).contiguous();
-  c.entropy = row_vec(entropy, "entropy");
-  if (grad_logprobs.has_value()) c.grad_logprobs = row_vec(*grad_logprobs, "grad_logprobs");
-  if (grad_entropy.has_value()) c.grad_entropy = row_vec(*grad_entropy, "grad_entropy");
+  BackwardRows rows = prepare_backward_rows(grad_logprobs, grad_entropy, row_stats, entropy, logits.size(0),
+                                            logits.device(), acc);
+  c.grad_logprobs = rows.grad_logprobs, c.grad_entropy = rows.grad_entropy;
+  c.row_stats = rows.row_stats, c.entropy = rows.entropy;
   c.grad_logits = empty_like_output(c.logits);
   c.params = {c.grad_logprobs.defined() ? c.grad_logprobs.const_data_ptr() : nullptr,
               c.grad_entropy.defined() ? c.grad_entropy.const_data_ptr() : nullptr,

@@ -179,6 +179,7 @@ Status run_backward(const BackwardParams& p, const cpu::Blas& blas, const cpu::P
   const bool with_entropy = p.grad_entropy != nullptr;
   for (int64_t n0 = 0; n0 < p.N; n0 += NC) {
     const int64_t nc = std::min(NC, p.N - n0);
+    const int64_t row_grain = std::max<int64_t>(1, (int64_t(1) << 15) / nc);  // tile rows per task: >= 32K logits
     for (int64_t n = 0; n < nc; ++n) {
       m[n] = stats[2 * (n0 + n)], log_s[n] = stats[2 * (n0 + n) + 1];
       ent[n] = static_cast<const T*>(p.entropy)[n0 + n];
@@ -191,7 +192,7 @@ Status run_backward(const BackwardParams& p, const cpu::Blas& blas, const cpu::P
       t.compute(gemm, parallel_for);
       gather_tokens(t, p.tokens, inv_t, x_tok);
       // logits -> dlogits in place, rows (vocab entries) in parallel, vectorized over tokens
-      parallel_for(t.vc, std::max<int64_t>(1, (int64_t(1) << 15) / nc), [&](int64_t r0, int64_t r1) {
+      parallel_for(t.vc, row_grain, [&](int64_t r0, int64_t r1) {
         const T it = inv_t;  // locals, not captures: stores to the tile could alias captured floats
         const T *mm = m, *ls = log_s, *H = ent, *gg = g, *hh = h;
         const int64_t cols = nc;
@@ -216,7 +217,7 @@ Status run_backward(const BackwardParams& p, const cpu::Blas& blas, const cpu::P
       t.grad_weight(gemm, parallel_for, n0 > 0, gw);
       t.grad_hidden(gemm, parallel_for, v0 > 0, static_cast<T*>(p.grad_hidden));
       if (gb != nullptr) {
-        parallel_for(t.vc, std::max<int64_t>(1, (int64_t(1) << 15) / nc), [&](int64_t r0, int64_t r1) {
+        parallel_for(t.vc, row_grain, [&](int64_t r0, int64_t r1) {
           for (int64_t v = r0; v < r1; ++v) {
             const T* row = t.data + v * nc;
             T acc[kLanes] = {};
