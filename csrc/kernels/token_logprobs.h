@@ -34,7 +34,7 @@ struct BackwardParams {
   const int64_t* tokens = nullptr;      // [N] (validated by the forward)
   const void* row_stats = nullptr;      // [N, 2] (m, log s)
   const void* entropy = nullptr;        // [N]
-  void* grad_logits = nullptr;          // [N, V] storage dtype
+  void* grad_logits = nullptr;          // [N, V] storage dtype; may be logits itself (in place)
   int64_t N = 0, V = 0;
   double inv_temperature = 1.0;
 };

@@ -1,8 +1,8 @@
 // fastrlhf::linear_token_logprobs and its backward: token log-probs (and entropies) straight
 // from the last hidden states and the LM-head weight, never materializing the [N, V] logits.
 // Rows are processed in chunks: logits_c = hidden_c @ weight^T (+ bias) -> the token_logprobs
-// kernel of the device; the backward recomputes logits_c, turns them into dlogits_c with the
-// token_logprobs_backward kernel, and accumulates grad_hidden_c = dlogits_c @ weight and
+// kernel of the device; the backward recomputes logits_c, turns them into dlogits_c in place with
+// the token_logprobs_backward_ kernel, and accumulates grad_hidden_c = dlogits_c @ weight and
 // grad_weight += dlogits_c^T @ hidden_c (fp32 accumulator for 16-bit weights).
 // Device-generic (CompositeExplicitAutograd): the matmuls are ATen's, the fused part is ours.
 // The CPU has its own tiled kernel for fp32/fp64 (linear_token_logprobs_cpu.cpp).
@@ -22,14 +22,15 @@ Triple call_token_logprobs(const Tensor& logits, const Tensor& tokens, double te
   return op.call(logits, tokens, temperature);
 }
 
-Tensor call_token_logprobs_backward(const std::optional<Tensor>& g, const std::optional<Tensor>& h,
-                                    const Tensor& logits, const Tensor& tokens, const Tensor& row_stats,
-                                    const Tensor& entropy, double temperature) {
+// dlogits written over the chunk's logits (one [n, V] buffer per chunk)
+void call_token_logprobs_backward_(const std::optional<Tensor>& g, const std::optional<Tensor>& h,
+                                   const Tensor& logits, const Tensor& tokens, const Tensor& row_stats,
+                                   const Tensor& entropy, double temperature) {
   static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("fastrlhf::token_logprobs_backward", "")
-                       .typed<Tensor(const std::optional<Tensor>&, const std::optional<Tensor>&,
-                                     const Tensor&, const Tensor&, const Tensor&, const Tensor&, double)>();
-  return op.call(g, h, logits, tokens, row_stats, entropy, temperature);
+                       .findSchemaOrThrow("fastrlhf::token_logprobs_backward_", "")
+                       .typed<void(const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
+                                   const Tensor&, const Tensor&, const Tensor&, double)>();
+  op.call(g, h, logits, tokens, row_stats, entropy, temperature);
 }
 
 Tensor chunk_logits(const Tensor& h, const Tensor& weight, const std::optional<Tensor>& bias) {
@@ -104,9 +105,10 @@ Triple linear_token_logprobs_backward_composite(const std::optional<Tensor>& gra
   for (int64_t i0 = 0; i0 < N; i0 += chunk_size) {
     const int64_t n = std::min(chunk_size, N - i0);
     const Tensor h = hidden.narrow(0, i0, n);
-    const Tensor dlogits = call_token_logprobs_backward(
-        rows(grad_logprobs, i0, n), rows(grad_entropy, i0, n), chunk_logits(h, weight, bias),
-        tokens.narrow(0, i0, n), row_stats.narrow(0, i0, n), entropy.narrow(0, i0, n), temperature);
+    const Tensor dlogits = chunk_logits(h, weight, bias);
+    call_token_logprobs_backward_(rows(grad_logprobs, i0, n), rows(grad_entropy, i0, n), dlogits,
+                                  tokens.narrow(0, i0, n), row_stats.narrow(0, i0, n), entropy.narrow(0, i0, n),
+                                  temperature);
     grad_hidden.narrow(0, i0, n).copy_(at::mm(dlogits, weight));
     if (low_precision) {
       grad_weight.addmm_(dlogits.t().to(at::kFloat), h.to(at::kFloat));

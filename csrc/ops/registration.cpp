@@ -31,6 +31,9 @@ TORCH_LIBRARY(fastrlhf, m) {
   // -> grad_logits [N, V] in the logits dtype
   m.def("token_logprobs_backward(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor logits, "
         "Tensor tokens, Tensor row_stats, Tensor entropy, float temperature) -> Tensor");
+  // the same, writing grad_logits over logits (contiguous): a chunked caller's only [n, V] buffer
+  m.def("token_logprobs_backward_(Tensor? grad_logprobs, Tensor? grad_entropy, Tensor(a!) logits, "
+        "Tensor tokens, Tensor row_stats, Tensor entropy, float temperature) -> ()");
   // hidden [N, H], weight [V, H], tokens [N], bias [V] -> (logprobs [N], entropy [N], row_stats [N, 2])
   m.def("linear_token_logprobs(Tensor hidden, Tensor weight, Tensor tokens, Tensor? bias, "
         "float temperature, int chunk_size) -> (Tensor, Tensor, Tensor)");

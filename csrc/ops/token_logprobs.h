@@ -73,11 +73,13 @@ inline BackwardRows prepare_backward_rows(const std::optional<Tensor>& grad_logp
   return r;
 }
 
+// in_place: dlogits overwrite logits (token_logprobs_backward_), which must then be contiguous.
 inline TokenLogprobsBackwardCall prepare_token_logprobs_backward(
     const std::optional<Tensor>& grad_logprobs, const std::optional<Tensor>& grad_entropy,
     const Tensor& logits, const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
-    double temperature) {
+    double temperature, bool in_place = false) {
   check_logits_tokens(logits, tokens, temperature);
+  TORCH_CHECK(!in_place || logits.is_contiguous(), "fastrlhf: token_logprobs_backward_ needs contiguous logits");
   const auto acc = acc_type(logits.scalar_type());
   TokenLogprobsBackwardCall c;
   c.dtype = to_kernel_dtype(logits.scalar_type());
@@ -87,7 +89,7 @@ inline TokenLogprobsBackwardCall prepare_token_logprobs_backward(
                                             logits.device(), acc);
   c.grad_logprobs = rows.grad_logprobs, c.grad_entropy = rows.grad_entropy;
   c.row_stats = rows.row_stats, c.entropy = rows.entropy;
-  c.grad_logits = empty_like_output(c.logits);
+  c.grad_logits = in_place ? c.logits : empty_like_output(c.logits);
   c.params = {c.grad_logprobs.defined() ? c.grad_logprobs.const_data_ptr() : nullptr,
               c.grad_entropy.defined() ? c.grad_entropy.const_data_ptr() : nullptr,
               c.logits.const_data_ptr(), c.tokens.const_data_ptr<int64_t>(), c.row_stats.const_data_ptr(),

@@ -1,4 +1,4 @@
-// CPU implementations of fastrlhf::token_logprobs and its backward.
+// CPU implementations of fastrlhf::token_logprobs and its backward (out of place and in place).
 #include "token_logprobs.h"
 
 namespace fastrlhf::ops {
@@ -23,11 +23,22 @@ Tensor token_logprobs_backward_cpu(const std::optional<Tensor>& grad_logprobs,
   return c.grad_logits;
 }
 
+void token_logprobs_backward_inplace_cpu(const std::optional<Tensor>& grad_logprobs,
+                                         const std::optional<Tensor>& grad_entropy, const Tensor& logits,
+                                         const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
+                                         double temperature) {
+  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy,
+                                           temperature, /*in_place=*/true);
+  check_status(k::token_logprobs::launch_backward_cpu(c.params, c.dtype, torch_parallel_for()),
+               "token_logprobs_backward_");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastrlhf, CPU, m) {
   m.impl("token_logprobs", &token_logprobs_cpu);
   m.impl("token_logprobs_backward", &token_logprobs_backward_cpu);
+  m.impl("token_logprobs_backward_", &token_logprobs_backward_inplace_cpu);
 }
 
 }  // namespace fastrlhf::ops

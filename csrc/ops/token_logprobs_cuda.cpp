@@ -1,4 +1,4 @@
-// CUDA implementations of fastrlhf::token_logprobs and its backward.
+// CUDA implementations of fastrlhf::token_logprobs and its backward (out of place and in place).
 #include "cuda_utils.h"
 #include "token_logprobs.h"
 
@@ -25,11 +25,23 @@ Tensor token_logprobs_backward_cuda(const std::optional<Tensor>& grad_logprobs,
   return c.grad_logits;
 }
 
+void token_logprobs_backward_inplace_cuda(const std::optional<Tensor>& grad_logprobs,
+                                          const std::optional<Tensor>& grad_entropy, const Tensor& logits,
+                                          const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
+                                          double temperature) {
+  CudaContext ctx(logits);
+  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy,
+                                           temperature, /*in_place=*/true);
+  check_cuda(k::token_logprobs::launch_backward_cuda(c.params, c.dtype, ctx.stream),
+             "token_logprobs_backward_");
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastrlhf, CUDA, m) {
   m.impl("token_logprobs", &token_logprobs_cuda);
   m.impl("token_logprobs_backward", &token_logprobs_backward_cuda);
+  m.impl("token_logprobs_backward_", &token_logprobs_backward_inplace_cuda);
 }
 
 }  // namespace fastrlhf::ops

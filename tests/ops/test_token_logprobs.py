@@ -377,6 +377,30 @@ def test_opcheck_token_logprobs_backward(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_inplace_backward_matches_out_of_place(device, dtype):
+    """token_logprobs_backward_ writes the same dlogits over the logits (the chosen token's logit
+    is read before its row is overwritten); opcheck of the mutating op."""
+    for inp in sample_inputs(device, dtype):
+        V = inp["logits"].shape[-1]
+        x, t, temp = inp["logits"].reshape(-1, V), inp["tokens"].reshape(-1), inp["temperature"]
+        lp, ent, row_stats = torch.ops.fastrlhf.token_logprobs.default(x, t, temp)
+        for g, h in ((torch.randn_like(lp), torch.randn_like(ent)), (torch.randn_like(lp), None),
+                     (None, torch.randn_like(ent))):
+            want = torch.ops.fastrlhf.token_logprobs_backward.default(g, h, x, t, row_stats, ent, temp)
+            got = x.clone()
+            torch.ops.fastrlhf.token_logprobs_backward_.default(g, h, got, t, row_stats, ent, temp)
+            assert torch.equal(got, want)
+        torch.library.opcheck(torch.ops.fastrlhf.token_logprobs_backward_.default,
+                              (torch.randn_like(lp), None, x.clone(), t, row_stats, ent, temp))
+    x = torch.randn(4, 6, device=device).t()  # in place needs contiguous logits
+    with pytest.raises(RuntimeError, match="contiguous"):
+        torch.ops.fastrlhf.token_logprobs_backward_.default(
+            None, None, x, torch.zeros(6, dtype=torch.long, device=device), torch.zeros(6, 2, device=device),
+            torch.zeros(6, device=device), 1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_torch_compile_fullgraph(device):
     def f(logits, tokens):
         lp, ent = token_logprobs(logits, tokens, temperature=0.9, return_entropy=True)

@@ -154,6 +154,7 @@ Status run_backward(const BackwardParams& p, const cpu::ParallelFor& parallel_fo
       const int64_t tok = p.tokens[i], V = p.V;
       const A it = inv_t;  // locals, not captures: a store to dx could alias a captured float,
                            // and the loop would fall back to scalar code
+      const A x_tok = load<A>(x + tok) * inv_t;  // read before the row is written: dx may be x
 #if defined(FASTRLHF_SIMD_EXP)
       if constexpr (std::is_same_v<S, float>) {
         backward_row_f32(x, dx, V, it, m, log_s, H, g, h);
@@ -167,7 +168,7 @@ Status run_backward(const BackwardParams& p, const cpu::ParallelFor& parallel_fo
       }
       // the chosen token's + g, once per row (out of the vectorized loop); recomputed from the
       // logit in the accumulator type, so the storage rounding happens once
-      const A d_tok = grad_element(load<A>(x + tok) * inv_t, m, log_s, H, g, h) + g;
+      const A d_tok = grad_element(x_tok, m, log_s, H, g, h) + g;
       store(dx + tok, d_tok * inv_t);
     }
   });

@@ -85,6 +85,11 @@ if _ext.extension_available():
     def _token_logprobs_backward_fake(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy, temperature):
         return logits.new_empty(logits.shape)
 
+    @torch.library.register_fake("fastrlhf::token_logprobs_backward_")
+    def _token_logprobs_backward_inplace_fake(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy,
+                                              temperature):
+        return None
+
     def _setup_context(ctx, inputs, output):
         logits, tokens, temperature = inputs
         _, entropy, row_stats = output
