@@ -3,7 +3,9 @@ composition trainers use (fp32 log_softmax + gather; linear -> log_softmax -> ga
 torch.compile of that composition, and the reference. Time forward, backward and both, and
 peak extra memory (``mem_x`` = peak / size of the [N, V] logits in their dtype, the new .grad
 buffers included; linear_token_logprobs also without its gradient outputs for hidden and
-weight, which every provider allocates: 0.28x the logits at the default shape).
+weight, which every provider allocates: 0.28x the logits at the default shape). linear_token_loss:
+the LM head with a token-weighted loss known up front, fwd+bwd, vs linear_token_logprobs + the
+loss and the eager composition + the loss.
 Bandwidth for token_logprobs fwd+bwd: the logits are read twice and dlogits written once."""
 
 from __future__ import annotations
@@ -121,6 +123,36 @@ def main(argv=None) -> dict:
             grads = (hidden.numel() + weight.numel()) * hidden.element_size()  # outputs every provider makes
             rows.append(H.Row("linear_token_logprobs fwd", f"{N}x{Hd}x{V}", dn, name, t_f * 1e3))
             rows.append(H.Row("linear_token_logprobs fwd+bwd", f"{N}x{Hd}x{V}", dn, name, t_full * 1e3,
+                              extra={"peak_extra_bytes": mem, "mem_x": mem / logits_bytes,
+                                     "mem_x_without_grads": (mem - grads) / logits_bytes}))
+
+    # ---- linear_token_loss: the same LM head with the loss known up front (3 matmuls) ----
+    # loss = token-weighted sum of log-probs (SFT cross-entropy with weights / a policy-gradient
+    # surrogate); providers differ in how the log-probs and their gradients are made.
+    for dtype in dtypes:
+        dn = str(dtype).replace("torch.", "").replace("float", "fp").replace("bfp16", "bf16")
+        hidden = (torch.randn(N, Hd, device=dev, dtype=dtype) / Hd**0.5).requires_grad_()
+        weight = torch.randn(V, Hd, device=dev, dtype=dtype).requires_grad_()
+        tokens = torch.randint(0, V, (N,), device=dev)
+        w = torch.rand(N, device=dev) / N
+        providers = {
+            "kernel": lambda h, W, t: fastrlhf.ops.linear_token_loss(
+                h, W, t, lambda lp, ent, rows: -(lp * w[rows]).sum(), impl="kernel").loss,
+            "linear_token_logprobs": lambda h, W, t: -(fastrlhf.ops.linear_token_logprobs(h, W, t) * w).sum(),
+            "eager": lambda h, W, t: -(eager_linear_logprobs(h, W, t) * w).sum(),
+        }
+        want = providers["eager"](hidden.detach(), weight.detach(), tokens).item()
+        logits_bytes = N * V * hidden.element_size()
+        for name, f in providers.items():
+            fwd, full = fwd_bwd(f, (hidden, weight, tokens))
+            err = abs(fwd().item() - want)
+            if not err < 1e-2 * max(1.0, abs(want)):
+                raise AssertionError(f"linear_token_loss provider {name} differs by {err}")
+            t_full = H.time_fn(full, dev, repeat=max(2, repeat // 2))
+            hidden.grad = weight.grad = None
+            mem = H.peak_memory(full, dev)
+            grads = (hidden.numel() + weight.numel()) * hidden.element_size()
+            rows.append(H.Row("linear_token_loss fwd+bwd", f"{N}x{Hd}x{V}", dn, name, t_full * 1e3,
                               extra={"peak_extra_bytes": mem, "mem_x": mem / logits_bytes,
                                      "mem_x_without_grads": (mem - grads) / logits_bytes}))
     H.add_speedups(rows, "eager")

@@ -13,6 +13,7 @@ from fastrlhf.ops.td_targets import q_update, td_targets
 from fastrlhf.ops.whiten import Whiten, whiten
 from fastrlhf.ops.token_logprobs import TokenLogprobs, token_logprobs
 from fastrlhf.ops.linear_token_logprobs import LinearTokenLogprobs, linear_token_logprobs
+from fastrlhf.ops.linear_token_loss import LinearTokenLossOutput, linear_token_loss
 from fastrlhf.ops.kl_penalty import KLPenalty, kl_penalty
 from fastrlhf.ops.policy_loss import PPOLoss, policy_loss
 from fastrlhf.ops.value_loss import ValueLoss, value_loss
@@ -35,6 +36,8 @@ __all__ = [
     "TokenLogprobs",
     "linear_token_logprobs",
     "LinearTokenLogprobs",
+    "linear_token_loss",
+    "LinearTokenLossOutput",
     "kl_penalty",
     "KLPenalty",
     "policy_loss",

@@ -27,6 +27,36 @@ from fastrlhf.ops._common import Impl, check_index, check_like, check_tensor, us
 from fastrlhf.ops.token_logprobs import _check_temperature
 
 
+def check_lm_head(op: str, hidden, weight, tokens, bias) -> torch.Tensor:
+    """Validate ``hidden [..., H]``, ``weight [V, H]``, ``tokens [...]``, ``bias [V]`` (one device,
+    one dtype) -> tokens as int64."""
+    check_tensor(op, "hidden", hidden)
+    if hidden.dim() < 1:
+        raise ValueError(f"fastrlhf.ops.{op}: hidden must be [..., H], got {tuple(hidden.shape)}")
+    check_tensor(op, "weight", weight, ndim=2)
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"fastrlhf.ops.{op}: weight must be [V, H] with H = {hidden.shape[-1]}, got {tuple(weight.shape)}")
+    if weight.device != hidden.device:
+        raise ValueError(f"fastrlhf.ops.{op}: weight is on {weight.device} but hidden is on {hidden.device}")
+    if weight.dtype != hidden.dtype:
+        raise TypeError(f"fastrlhf.ops.{op}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
+    if bias is not None:
+        check_tensor(op, "bias", bias)
+        check_like(op, "bias", bias, "weight[:, 0]", weight, shape=weight.shape[:1])
+        if bias.dtype != hidden.dtype:
+            raise TypeError(f"fastrlhf.ops.{op}: bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
+    return check_index(op, "tokens", tokens, "hidden[..., 0]", hidden, shape=hidden.shape[:-1])
+
+
+def check_chunk_size(op: str, chunk_size: int | None) -> int:
+    """A positive int, or None -> 0 (the implementation's default)."""
+    if chunk_size is None:
+        return 0
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"fastrlhf.ops.{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    return chunk_size
+
+
 def linear_token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -43,27 +73,9 @@ def linear_token_logprobs(
     ``hidden``, ``weight`` and ``bias``. Same semantics as
     ``token_logprobs(hidden @ weight.T + bias, tokens)``."""
     op = "linear_token_logprobs"
-    check_tensor(op, "hidden", hidden)
-    if hidden.dim() < 1:
-        raise ValueError(f"fastrlhf.ops.{op}: hidden must be [..., H], got {tuple(hidden.shape)}")
-    check_tensor(op, "weight", weight, ndim=2)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"fastrlhf.ops.{op}: weight must be [V, H] with H = {hidden.shape[-1]}, got {tuple(weight.shape)}")
-    if weight.device != hidden.device:
-        raise ValueError(f"fastrlhf.ops.{op}: weight is on {weight.device} but hidden is on {hidden.device}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"fastrlhf.ops.{op}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    if bias is not None:
-        check_tensor(op, "bias", bias)
-        check_like(op, "bias", bias, "weight[:, 0]", weight, shape=weight.shape[:1])
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"fastrlhf.ops.{op}: bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
-    tokens = check_index(op, "tokens", tokens, "hidden[..., 0]", hidden, shape=hidden.shape[:-1])
+    tokens = check_lm_head(op, hidden, weight, tokens, bias)
     temperature = _check_temperature(op, temperature)
-    if chunk_size is None:
-        chunk_size = 0  # the implementation's default
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"fastrlhf.ops.{op}: chunk_size must be a positive int, got {chunk_size!r}")
+    chunk_size = check_chunk_size(op, chunk_size)
     if use_kernel(op, impl, hidden.device, hidden.dtype):
         lead, H = hidden.shape[:-1], hidden.shape[-1]
         lp, ent, _ = torch.ops.fastrlhf.linear_token_logprobs.default(

@@ -1,5 +1,6 @@
 """Reference token log-probs / entropy: log_softmax in the accumulator dtype + gather, and the
-LM-head composition (hidden @ weight^T + bias) for linear_token_logprobs. Differentiable."""
+LM-head composition (hidden @ weight^T + bias) for linear_token_logprobs and linear_token_loss.
+Differentiable."""
 
 from __future__ import annotations
 
@@ -34,3 +35,19 @@ def linear_token_logprobs(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits = torch.nn.functional.linear(hidden, weight, bias)  # (..., V): materialized
     return token_logprobs(logits, tokens, temperature=temperature)
+
+
+def linear_token_loss(
+    hidden: torch.Tensor,  # [R, ..., H]
+    weight: torch.Tensor,  # [V, H]
+    tokens: torch.Tensor,  # [R, ...]
+    loss_fn,  # (logprobs [R, ...], entropy [R, ...], rows: slice) -> loss []
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss [], logprobs [R, ...] detached, entropy [R, ...] detached): one loss_fn call
+    on the materialized logits' log-probs."""
+    lp, ent = linear_token_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature)
+    loss = loss_fn(lp, ent, slice(0, hidden.shape[0]))
+    return loss, lp.detach(), ent.detach()

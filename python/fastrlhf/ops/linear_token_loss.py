@@ -1,0 +1,218 @@
+"""A token-level loss straight from the last hidden states and the LM-head weight, with the
+gradients computed in the same pass (the "fused linear loss" of Liger-Kernel): three matmuls,
+one ``[rows, V]`` logits chunk at a time.
+
+:func:`~fastrlhf.ops.linear_token_logprobs` returns per-token log-probs whose upstream gradient
+is unknown until the loss is built, so its backward must recompute every logit: four matmuls.
+When the loss is known up front it can be differentiated chunk by chunk instead. For each chunk
+of rows (slices of ``hidden``'s first dim):
+
+1. ``logits_c = hidden_c @ weight.T + bias`` (ATen matmul into one reused buffer);
+2. ``logprobs_c, entropy_c`` with the fused :func:`~fastrlhf.ops.token_logprobs` kernel;
+3. ``loss_c = loss_fn(logprobs_c, entropy_c, rows)``, and its gradient w.r.t. ``logprobs_c`` and
+   ``entropy_c`` by autograd (a ``[rows, ...]``-sized graph);
+4. ``dlogits_c`` written over ``logits_c`` by the ``token_logprobs`` backward kernel, then
+   ``grad_hidden_c = dlogits_c @ weight``, ``grad_weight += dlogits_c.T @ hidden_c`` (fp32
+   accumulator for 16-bit weights) and ``grad_bias += dlogits_c.sum(0)``.
+
+The backward only scales the stored gradients by the upstream gradient of the loss, so it runs
+once (no ``retain_graph`` re-runs, no double backward).
+
+**The loss must be a sum over rows**: ``loss = sum over chunks of loss_fn(chunk)``. Means must
+use the whole batch's normalizer, which all of fastrlhf's losses accept, e.g. for PPO with
+``hidden [B, T, H]`` (chunks are whole sequences)::
+
+    n = mask.sum()                                          # token-mean over the whole batch
+    def ppo(lp, ent, rows):
+        return policy_loss(lp, old_lp[rows], adv[rows], mask[rows], normalizer=n)[0]
+    out = linear_token_loss(hidden, lm_head.weight, tokens, ppo)
+    out.loss.backward()
+
+``agg="seq-mean-*"`` works the same way with ``normalizer=B`` (sequences). Supervised
+fine-tuning: ``lambda lp, ent, rows: -(lp * mask[rows]).sum() / n``. Anything else ``loss_fn``
+uses must be a constant: a tensor that requires grad in its graph raises (its gradient would be
+lost).
+
+Memory: the chunk's logits (``chunk_size`` rows; default about 2^24 logits, 64 MiB in fp32,
+and at least one row) plus the gradients every implementation returns. Device-generic: the
+matmuls are ATen's, the fused part is the device's ``token_logprobs`` kernels.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple
+
+import torch
+
+from fastrlhf.ops import reference
+from fastrlhf.ops.reference._acc import acc_dtype
+from fastrlhf.ops._common import Impl, use_kernel
+from fastrlhf.ops.linear_token_logprobs import check_chunk_size, check_lm_head
+from fastrlhf.ops.token_logprobs import _check_temperature
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
+
+DEFAULT_CHUNK_LOGITS = 1 << 24
+
+
+class LinearTokenLossOutput(NamedTuple):
+    loss: torch.Tensor  # [] the sum of loss_fn over chunks, differentiable w.r.t. hidden, weight, bias
+    logprobs: torch.Tensor  # [R, ...] fp32 (fp64 for fp64), detached: for logging / stats
+    entropy: torch.Tensor  # [R, ...] same
+
+
+def linear_token_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    tokens: torch.Tensor,
+    loss_fn: LossFn,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    chunk_size: int | None = None,
+    impl: Impl = "auto",
+) -> LinearTokenLossOutput:
+    """``hidden [R, ..., H]``, ``weight [V, H]`` (``nn.Linear`` layout), ``tokens [R, ...]``,
+    ``loss_fn(logprobs [r, ...], entropy [r, ...], rows: slice) -> loss []`` called on chunks of
+    ``chunk_size`` rows of the first dim -> ``(loss, logprobs, entropy)``.
+
+    ``loss`` equals ``loss_fn(lp, ent, slice(0, R))`` on the full ``lp, ent =
+    token_logprobs(hidden @ weight.T + bias, tokens, temperature=..., return_entropy=True)``
+    when ``loss_fn`` is a sum over rows (see the module doc); the gradients of ``hidden``,
+    ``weight`` and ``bias`` are computed during the forward when they require grad.
+    ``impl="reference"`` materializes the logits and calls ``loss_fn`` once."""
+    op = "linear_token_loss"
+    tokens = check_lm_head(op, hidden, weight, tokens, bias)
+    if hidden.dim() < 2:
+        raise ValueError(f"fastrlhf.ops.{op}: hidden must be [R, ..., H] (chunks are rows of the first dim), "
+                         f"got {tuple(hidden.shape)}")
+    if not callable(loss_fn):
+        raise TypeError(f"fastrlhf.ops.{op}: loss_fn must be callable (logprobs, entropy, rows) -> loss, "
+                        f"got {type(loss_fn).__name__}")
+    temperature = _check_temperature(op, temperature)
+    chunk_size = check_chunk_size(op, chunk_size)
+    if not use_kernel(op, impl, hidden.device, hidden.dtype):
+        loss, lp, ent = reference.linear_token_loss(hidden, weight, tokens, loss_fn, bias=bias,
+                                                    temperature=temperature)
+        return LinearTokenLossOutput(loss, lp, ent)
+    if chunk_size == 0:
+        per_row = max(1, math.prod(hidden.shape[1:-1]) * weight.shape[0])
+        chunk_size = max(1, DEFAULT_CHUNK_LOGITS // per_row)
+    grads_wanted = torch.is_grad_enabled()  # apply() runs forward with grad mode off
+    loss, lp, ent = _LinearTokenLoss.apply(hidden, weight, bias, tokens, loss_fn, temperature, chunk_size,
+                                           grads_wanted)
+    return LinearTokenLossOutput(loss, lp, ent)
+
+
+def _check_chunk_loss(loss: torch.Tensor, allowed: tuple[torch.Tensor, ...]) -> None:
+    """loss_fn's result must be a 0-dim float tensor whose graph has no leaf requiring grad
+    besides ``allowed`` (the chunk's logprobs / entropy): another one would lose its gradient."""
+    op = "linear_token_loss"
+    if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
+        what = f"shape {tuple(loss.shape)} {loss.dtype}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(f"fastrlhf.ops.{op}: loss_fn must return a 0-dim float tensor, got {what}")
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
+        if variable is not None:
+            if not any(variable is a for a in allowed):
+                raise RuntimeError(
+                    f"fastrlhf.ops.{op}: loss_fn uses a tensor of shape {tuple(variable.shape)} that requires "
+                    "grad; only hidden, weight and bias get gradients here (pass it detached, or compute "
+                    "that part of the loss outside)"
+                )
+            continue
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+
+
+class _LinearTokenLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, tokens, loss_fn, temperature, chunk_size, grads_wanted):
+        R, H, V = hidden.shape[0], hidden.shape[-1], weight.shape[0]
+        inner = hidden.shape[1:-1]
+        need_h, need_w = grads_wanted and ctx.needs_input_grad[0], grads_wanted and ctx.needs_input_grad[1]
+        need_b = grads_wanted and bias is not None and ctx.needs_input_grad[2]
+        need_any = need_h or need_w or need_b
+        hidden, tokens = hidden.contiguous(), tokens.contiguous()
+        acc = acc_dtype(hidden.dtype)
+        low = hidden.dtype in (torch.float16, torch.bfloat16)
+        logprobs = hidden.new_empty(hidden.shape[:-1], dtype=acc)  # [R, ...]
+        entropy = torch.empty_like(logprobs)
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32 if low else weight.dtype) if need_w else None
+        grad_bias = weight.new_zeros((V,), dtype=grad_weight.dtype if need_w else acc) if need_b else None
+        rows_per_token = math.prod(inner)
+        buffer = hidden.new_empty((min(chunk_size, R) * rows_per_token, V))  # [n, V], reused by every chunk
+        losses = []
+        for r0 in range(0, R, chunk_size):
+            rows = slice(r0, min(R, r0 + chunk_size))
+            h_c = hidden[rows].reshape(-1, H)  # [n, H]
+            t_c = tokens[rows].reshape(-1)  # [n]
+            logits = buffer[: h_c.shape[0]]  # [n, V]
+            if bias is None:
+                torch.mm(h_c, weight.t(), out=logits)
+            else:
+                torch.addmm(bias, h_c, weight.t(), out=logits)
+            lp, ent, row_stats = torch.ops.fastrlhf.token_logprobs.default(logits, t_c, temperature)
+            shape = (rows.stop - r0, *inner)
+            logprobs[rows] = lp.view(shape)
+            entropy[rows] = ent.view(shape)
+            if not need_any:
+                losses.append(loss_fn(lp.view(shape), ent.view(shape), rows).detach())
+                continue
+            lp_leaf = lp.view(shape).detach().requires_grad_()
+            ent_leaf = ent.view(shape).detach().requires_grad_()
+            with torch.enable_grad():
+                loss = loss_fn(lp_leaf, ent_leaf, rows)
+                _check_chunk_loss(loss, (lp_leaf, ent_leaf))
+                grad_lp, grad_ent = (
+                    torch.autograd.grad(loss, (lp_leaf, ent_leaf), allow_unused=True)
+                    if loss.requires_grad else (None, None)
+                )
+            losses.append(loss.detach())
+            if grad_lp is None and grad_ent is None:  # this chunk's loss does not depend on the logits
+                if need_h:
+                    grad_hidden[rows] = 0
+                continue
+            flat = lambda g: None if g is None else g.reshape(-1).to(acc)  # noqa: E731
+            torch.ops.fastrlhf.token_logprobs_backward_.default(
+                flat(grad_lp), flat(grad_ent), logits, t_c, row_stats, ent, temperature
+            )  # logits now hold dlogits [n, V]
+            if need_h:
+                torch.mm(logits, weight, out=grad_hidden[rows].view(-1, H))
+            if need_w:
+                if low:
+                    grad_weight.addmm_(logits.t().float(), h_c.float())
+                else:
+                    grad_weight.addmm_(logits.t(), h_c)
+            if need_b:
+                grad_bias += logits.sum(0, dtype=grad_bias.dtype)
+        del buffer
+        loss = torch.stack(losses).sum() if losses else hidden.new_zeros((), dtype=acc)
+        # kept as attributes, not saved tensors: the backward hands them over without a copy
+        ctx.grads = (
+            grad_hidden,
+            None if grad_weight is None else grad_weight.to(weight.dtype),
+            None if grad_bias is None else grad_bias.to(weight.dtype),
+        )
+        ctx.mark_non_differentiable(logprobs, entropy)
+        return loss, logprobs, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_logprobs, _grad_entropy):
+        grads = getattr(ctx, "grads", None)
+        if grads is None:
+            raise RuntimeError(
+                "fastrlhf.ops.linear_token_loss: the gradients were computed in the forward and handed out "
+                "by the first backward; it cannot run twice (retain_graph) -- call linear_token_loss again"
+            )
+        del ctx.grads
+        out = [None if g is None else (g.mul_(grad_loss.to(g.dtype)) if grad_loss is not None else None)
+               for g in grads]
+        return out[0], out[1], out[2], None, None, None, None, None
