@@ -101,6 +101,34 @@ def test_gradients_flow_and_checkpointing_matches():
     assert grads[0]["model.layers.0.self_attn.q_proj.weight"].abs().sum() > 0
 
 
+@pytest.mark.parametrize("tied", [False, True])
+def test_token_loss_matches_token_logprobs_then_loss(tied):
+    """model.token_loss (gradients made in the forward, chunks of 1 sequence) gives the loss and
+    every parameter's gradient of loss_fn(model.token_logprobs(...)); tied embeddings too."""
+    ids, mask = left_padded(3, 9, 97, [9, 4, 7])
+    valid = mask[:, 1:].bool() & mask[:, :-1].bool()
+    n = int(valid.sum())
+
+    def sft(lp, ent, rows):
+        return -(lp * valid[rows]).sum() / n + 0.01 * (ent * valid[rows]).sum() / n
+
+    results = []
+    for fused in (True, False):
+        m = tiny_model(seed=2, tie_word_embeddings=tied).train()
+        if fused:
+            out = m.token_loss(ids, sft, mask, temperature=0.9, chunk_size=1)
+            loss = out.loss
+            assert out.logprobs.shape == (3, 8) and not out.logprobs.requires_grad
+        else:
+            lp, ent = m.token_logprobs(ids, mask, temperature=0.9, return_entropy=True)
+            loss = sft(lp, ent, slice(0, 3))
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters()}))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-6, atol=1e-6)
+    for name, g in results[1][1].items():
+        torch.testing.assert_close(results[0][1][name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_tied_embeddings_share_storage():
     m = tiny_model(tie_word_embeddings=True)
     assert m.lm_head.weight is m.model.embed_tokens.weight
