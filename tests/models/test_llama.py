@@ -116,7 +116,7 @@ def test_token_loss_matches_token_logprobs_then_loss(tied):
     for fused in (True, False):
         m = tiny_model(seed=2, tie_word_embeddings=tied).train()
         if fused:
-            out = m.token_loss(ids, sft, mask, temperature=0.9, chunk_size=1)
+            out = m.token_loss(ids, sft, mask, temperature=0.9, chunk_rows=1)
             loss = out.loss
             assert out.logprobs.shape == (3, 8) and not out.logprobs.requires_grad
         else:

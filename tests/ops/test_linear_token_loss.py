@@ -66,15 +66,15 @@ def assert_all_close(got, want, dtype=None, **tol):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("chunk_size", [1, 2, 3, None, 100])
+@pytest.mark.parametrize("chunk_rows", [1, 2, 3, None, 100])
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"])
-def test_ppo_loss_matches_reference_fp64(device, chunk_size, agg):
+def test_ppo_loss_matches_reference_fp64(device, chunk_rows, agg):
     """[B, T, H] hidden, chunks of whole sequences: the PPO loss with its batch normalizer sums
     over chunks to the one-call reference, gradients included (bias and temperature too)."""
     lead = (5, 7)
     hidden, weight, bias, tokens = make_inputs(lead, 6, 37, device=device, seed=3)
     fn = ppo_loss_fn(lead, device, agg=agg)
-    kw = dict(temperature=0.8, chunk_size=chunk_size)
+    kw = dict(temperature=0.8, chunk_rows=chunk_rows)
     got = run(hidden, weight, bias, tokens, fn, impl="kernel", **kw)
     want = run(hidden, weight, bias, tokens, fn, impl="reference", **kw)
     assert got[0].shape == () and got[1].shape == lead and got[3].shape == hidden.shape
@@ -82,8 +82,8 @@ def test_ppo_loss_matches_reference_fp64(device, chunk_size, agg):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("lead,chunk_size", [((9,), 4), ((9,), None), ((2, 3, 4), 1), ((0,), 3), ((3, 0), 2)])
-def test_sft_loss_any_leading_dims(device, lead, chunk_size):
+@pytest.mark.parametrize("lead,chunk_rows", [((9,), 4), ((9,), None), ((2, 3, 4), 1), ((0,), 3), ((3, 0), 2)])
+def test_sft_loss_any_leading_dims(device, lead, chunk_rows):
     """SFT cross-entropy (-mean log p over valid tokens) on flat tokens, 3 leading dims and
     empty inputs; without bias."""
     hidden, weight, _, tokens = make_inputs(lead, 5, 23, bias=False, device=device, seed=4)
@@ -93,8 +93,8 @@ def test_sft_loss_any_leading_dims(device, lead, chunk_size):
     def sft(lp, ent, rows):
         return -(lp * mask[rows]).sum() / n
 
-    got = run(hidden, weight, None, tokens, sft, impl="kernel", chunk_size=chunk_size)
-    want = run(hidden, weight, None, tokens, sft, impl="reference", chunk_size=chunk_size)
+    got = run(hidden, weight, None, tokens, sft, impl="kernel", chunk_rows=chunk_rows)
+    want = run(hidden, weight, None, tokens, sft, impl="reference", chunk_rows=chunk_rows)
     assert_all_close(got, want)
     assert got[5] is None
 
@@ -106,7 +106,7 @@ def test_matches_eager_log_softmax_definition():
     def fn(lp, ent, rows):
         return (lp * torch.arange(1.0, 7.0, dtype=lp.dtype)[rows]).sum() + 0.3 * ent.sum()
 
-    got = run(hidden, weight, bias, tokens, fn, impl="kernel", chunk_size=4, temperature=1.3)
+    got = run(hidden, weight, bias, tokens, fn, impl="kernel", chunk_rows=4, temperature=1.3)
     h, W, b = (t.detach().clone().requires_grad_() for t in (hidden, weight, bias))
     logp = torch.log_softmax(torch.nn.functional.linear(h, W, b) / 1.3, dim=-1)
     lp = logp.gather(-1, tokens[:, None])[:, 0]
@@ -122,7 +122,7 @@ def test_upstream_gradient_scales_and_frozen_parts():
     hidden, weight, bias, tokens = make_inputs((4, 3), 6, 17, seed=6)
     fn = ppo_loss_fn((4, 3), "cpu")
     for requires in ((True, True, True), (True, False, False), (False, True, True), (False, False, True)):
-        got = run(hidden, weight, bias, tokens, fn, grad_scale=2.5, requires=requires, chunk_size=2)
+        got = run(hidden, weight, bias, tokens, fn, grad_scale=2.5, requires=requires, chunk_rows=2)
         want = run(hidden, weight, bias, tokens, fn, grad_scale=2.5, requires=requires, impl="reference")
         assert_all_close(got, want)
 
@@ -135,7 +135,7 @@ def test_combined_with_another_loss_term():
     for impl in ("kernel", "reference"):
         h, W = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
         v.grad = None
-        lt = linear_token_loss(h, W, tokens, lambda lp, ent, rows: lp.sum() / 12, impl=impl, chunk_size=1)
+        lt = linear_token_loss(h, W, tokens, lambda lp, ent, rows: lp.sum() / 12, impl=impl, chunk_rows=1)
         (lt.loss + 0.5 * (v**2).mean()).backward()
         out.append((h.grad, W.grad, v.grad.clone()))
     for a, b in zip(*out):
@@ -147,7 +147,7 @@ def test_no_grad_call_gives_the_loss_only():
     fn = ppo_loss_fn((5, 2), "cpu")
     want = run(hidden, weight, bias, tokens, fn, impl="reference")
     with torch.no_grad():
-        out = linear_token_loss(hidden, weight, tokens, fn, bias=bias, chunk_size=2)
+        out = linear_token_loss(hidden, weight, tokens, fn, bias=bias, chunk_rows=2)
     assert not out.loss.requires_grad
     assert_close(out.loss, want[0])
     assert_close(out.logprobs, want[1])
@@ -155,7 +155,7 @@ def test_no_grad_call_gives_the_loss_only():
 
 def test_loss_fn_independent_of_logits_gives_zero_gradients():
     hidden, weight, bias, tokens = make_inputs((4,), 3, 7, seed=9)
-    got = run(hidden, weight, bias, tokens, lambda lp, ent, rows: lp.new_zeros(()), chunk_size=3)
+    got = run(hidden, weight, bias, tokens, lambda lp, ent, rows: lp.new_zeros(()), chunk_rows=3)
     for name, g in zip(NAMES[3:], got[3:]):
         assert torch.count_nonzero(g) == 0, name
 
@@ -167,7 +167,7 @@ def test_gradient_matches_finite_differences_fp64():
     fn = ppo_loss_fn((3, 2), "cpu", agg="seq-mean-token-mean")
 
     def f(h, W, b):
-        return linear_token_loss(h, W, tokens, fn, bias=b, chunk_size=2, temperature=0.7).loss
+        return linear_token_loss(h, W, tokens, fn, bias=b, chunk_rows=2, temperature=0.7).loss
 
     inputs = tuple(t.clone().requires_grad_() for t in (hidden, weight, bias))
     f(*inputs).backward()
@@ -191,20 +191,24 @@ def test_low_precision_vs_fp64_reference(device, dtype):
     the returned gradients, relative to the gradients' scale."""
     hidden, weight, bias, tokens = make_inputs((6, 5), 16, 300, dtype=dtype, device=device, seed=11)
     fn = ppo_loss_fn((6, 5), device)
-    got = run(hidden, weight, bias, tokens, fn, chunk_size=2)
+    got = run(hidden, weight, bias, tokens, fn, chunk_rows=2)
     want = run(hidden.double(), weight.double(), bias.double(), tokens, fn, impl="reference")
     assert got[1].dtype == torch.float32 and got[3].dtype == dtype and got[4].dtype == dtype
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=0.0, atol=None)
     for name, a, b in zip(NAMES, got, want):
-        b = b.to(a.dtype) if name.startswith("grad") else b
-        atol = tol["atol"] if tol["atol"] is not None else 0.03 * float(b.abs().max()) + 2e-2 * (name != "loss")
-        assert_close(a.double(), b.double(), rtol=tol["rtol"], atol=atol, what=f"{name} {dtype}")
+        b = b.to(a.dtype).double() if name.startswith("grad") else b
+        if dtype == torch.float32:
+            atol = 1e-5 * max(1.0, float(b.abs().max()))
+        elif name.startswith("grad"):  # measured ~0.3% of the largest entry in bf16, ~0.05% in fp16
+            atol = 0.012 * float(b.abs().max())
+        else:  # logits rounded to the storage dtype: ~2e-3 relative of |logit| ~ 10
+            atol = 0.06
+        assert_close(a.double(), b.double(), rtol=0.0, atol=atol, what=f"{name} {dtype}")
 
 
-def test_chunk_size_does_not_change_results_fp32():
+def test_chunk_rows_does_not_change_results_fp32():
     hidden, weight, bias, tokens = make_inputs((8,), 8, 40, dtype=torch.float32, seed=12)
-    a = run(hidden, weight, bias, tokens, lambda lp, ent, rows: lp.sum() + ent.sum(), chunk_size=1)
-    b = run(hidden, weight, bias, tokens, lambda lp, ent, rows: lp.sum() + ent.sum(), chunk_size=8)
+    a = run(hidden, weight, bias, tokens, lambda lp, ent, rows: lp.sum() + ent.sum(), chunk_rows=1)
+    b = run(hidden, weight, bias, tokens, lambda lp, ent, rows: lp.sum() + ent.sum(), chunk_rows=8)
     assert_all_close(a, b, torch.float32)
 
 
@@ -213,7 +217,7 @@ def test_torch_compile_matches_eager():
     hidden, weight, bias, tokens = make_inputs((4, 3), 8, 11, dtype=torch.float32, seed=16)
 
     def f(h, W):
-        return linear_token_loss(h, W, tokens, lambda lp, ent, rows: lp.sum() - ent.sum(), chunk_size=2).loss * 2
+        return linear_token_loss(h, W, tokens, lambda lp, ent, rows: lp.sum() - ent.sum(), chunk_rows=2).loss * 2
 
     results = []
     for fn in (f, torch.compile(f, backend="eager")):
@@ -234,15 +238,36 @@ def test_loss_fn_using_another_grad_tensor_raises():
     scale = torch.ones((), dtype=torch.float64, requires_grad=True)
     h = hidden.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="requires grad"):
-        linear_token_loss(h, weight, tokens, lambda lp, ent, rows: (lp * scale).sum())
+        linear_token_loss(h, weight, tokens, lambda lp, ent, rows: (lp * scale).sum(), impl="kernel")
+    with pytest.raises(RuntimeError, match="requires grad"):  # frozen LM head and trunk: still refused
+        linear_token_loss(hidden, weight, tokens, lambda lp, ent, rows: (lp * scale).sum(), impl="kernel")
+    with pytest.raises(RuntimeError, match="requires grad"):  # a leaf returned as the loss
+        linear_token_loss(h, weight, tokens, lambda lp, ent, rows: scale, impl="kernel")
     with torch.no_grad():  # no gradients wanted: nothing is lost
-        linear_token_loss(h, weight, tokens, lambda lp, ent, rows: (lp * scale).sum())
+        linear_token_loss(h, weight, tokens, lambda lp, ent, rows: (lp * scale).sum(), impl="kernel")
+    # the reference is plain autograd: the other tensor gets its gradient
+    linear_token_loss(h, weight, tokens, lambda lp, ent, rows: (lp * scale).sum(), impl="reference").loss.backward()
+    assert scale.grad is not None
+
+
+def test_loss_fn_editing_its_inputs_in_place_does_not_change_gradients():
+    hidden, weight, bias, tokens = make_inputs((5,), 4, 9, seed=17)
+
+    def sneaky(lp, ent, rows):
+        loss = lp.sum() + ent.sum()
+        with torch.no_grad():
+            lp.zero_(), ent.fill_(7.0)
+        return loss
+
+    got = run(hidden, weight, bias, tokens, sneaky, impl="kernel", chunk_rows=2)
+    want = run(hidden, weight, bias, tokens, lambda lp, ent, rows: lp.sum() + ent.sum(), impl="kernel")
+    assert_all_close(got, want)
 
 
 def test_backward_twice_raises():
     hidden, weight, bias, tokens = make_inputs((3,), 3, 5, seed=14)
     h = hidden.clone().requires_grad_()
-    out = linear_token_loss(h, weight, tokens, lambda lp, ent, rows: lp.sum())
+    out = linear_token_loss(h, weight, tokens, lambda lp, ent, rows: lp.sum(), impl="kernel")
     out.loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="cannot run twice"):
         out.loss.backward()
@@ -254,7 +279,7 @@ def test_backward_twice_raises():
         (dict(loss_fn=lambda lp, ent, rows: lp), ValueError, "0-dim"),
         (dict(loss_fn=lambda lp, ent, rows: 1.0), ValueError, "0-dim"),
         (dict(loss_fn="sum"), TypeError, "callable"),
-        (dict(chunk_size=0), ValueError, "chunk_size"),
+        (dict(chunk_rows=0), ValueError, "chunk_rows"),
         (dict(temperature=0.0), ValueError, "temperature"),
         (dict(tokens=torch.zeros(4, 3, dtype=torch.long)), ValueError, "tokens"),
         (dict(weight=torch.zeros(7, 5, dtype=torch.float64)), ValueError, "weight"),
@@ -262,9 +287,26 @@ def test_backward_twice_raises():
          ValueError, "hidden"),
     ],
 )
-def test_bad_input_raises(kwargs, exc, match):
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_bad_input_raises(kwargs, exc, match, impl, grad):
     hidden, weight, _, tokens = make_inputs((4, 2), 3, 7, seed=15)
     args = dict(hidden=hidden.requires_grad_(), weight=weight, tokens=tokens, loss_fn=lambda lp, ent, rows: lp.sum())
     args.update(kwargs)
-    with pytest.raises(exc, match=match):
-        linear_token_loss(**args)
+    with torch.set_grad_enabled(grad), pytest.raises(exc, match=match):
+        linear_token_loss(**args, impl=impl)
+
+
+def test_empty_batch_calls_loss_fn_like_the_reference():
+    hidden, weight, bias, tokens = make_inputs((0, 3), 4, 9, seed=18)
+    for impl in ("kernel", "reference"):
+        out = linear_token_loss(hidden, weight, tokens, lambda lp, ent, rows: lp.mean(), impl=impl)
+        assert out.loss.isnan() and out.logprobs.shape == (0, 3)
+
+
+def test_warns_when_one_row_is_a_huge_chunk():
+    hidden = torch.zeros(1, 3000, 2)
+    weight = torch.zeros(30000, 2)
+    with pytest.warns(UserWarning, match="flat tokens"):
+        linear_token_loss(hidden, weight, torch.zeros(1, 3000, dtype=torch.long), lambda lp, ent, rows: lp.sum(),
+                          impl="kernel")

@@ -521,17 +521,17 @@ class CausalLM(nn.Module):
                                          chunk_size=chunk_size)
 
     def token_loss(self, input_ids: torch.Tensor, loss_fn, attention_mask: torch.Tensor | None = None, *,
-                   temperature: float = 1.0, chunk_size: int | None = None) -> "ops.LinearTokenLossOutput":
+                   temperature: float = 1.0, chunk_rows: int | None = None) -> "ops.LinearTokenLossOutput":
         """A loss of the next-token log-probs known up front (PPO/GRPO, SFT), through
         ``ops.linear_token_loss``: ``loss_fn(logprobs [b, T - 1], entropy [b, T - 1], rows)`` is
-        called on chunks of whole sequences (``rows`` slices the batch), must be a sum over
+        called on chunks of ``chunk_rows`` whole sequences (``rows`` slices the batch), must be a sum over
         sequences (use batch-wide normalizers), and the LM head's gradients are computed chunk by
         chunk in the forward: three matmuls instead of the four of ``token_logprobs`` + a loss.
         Returns ``(loss, logprobs, entropy)``, the last two ``[B, T - 1]`` and detached."""
         hidden = self(input_ids, attention_mask, return_hidden=True)  # (B, T, C)
         weight = self.lm_head.merged_weight() if hasattr(self.lm_head, "merged_weight") else self.lm_head.weight
         return ops.linear_token_loss(hidden[:, :-1], weight, input_ids[:, 1:], loss_fn, temperature=temperature,
-                                     chunk_size=chunk_size)
+                                     chunk_rows=chunk_rows)
 
     # ---- checkpoints (safetensors + config.json, loadable by transformers too)
     def save_pretrained(self, path, *, dtype: torch.dtype | None = None) -> None:

@@ -48,12 +48,12 @@ def check_lm_head(op: str, hidden, weight, tokens, bias) -> torch.Tensor:
     return check_index(op, "tokens", tokens, "hidden[..., 0]", hidden, shape=hidden.shape[:-1])
 
 
-def check_chunk_size(op: str, chunk_size: int | None) -> int:
+def check_chunk_size(op: str, chunk_size: int | None, *, name: str = "chunk_size") -> int:
     """A positive int, or None -> 0 (the implementation's default)."""
     if chunk_size is None:
         return 0
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"fastrlhf.ops.{op}: chunk_size must be a positive int, got {chunk_size!r}")
+        raise ValueError(f"fastrlhf.ops.{op}: {name} must be a positive int, got {chunk_size!r}")
     return chunk_size
 
 

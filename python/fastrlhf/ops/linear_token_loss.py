@@ -1,6 +1,6 @@
 """A token-level loss straight from the last hidden states and the LM-head weight, with the
 gradients computed in the same pass (the "fused linear loss" of Liger-Kernel): three matmuls,
-one ``[rows, V]`` logits chunk at a time.
+one ``[chunk, V]`` logits buffer.
 
 :func:`~fastrlhf.ops.linear_token_logprobs` returns per-token log-probs whose upstream gradient
 is unknown until the loss is built, so its backward must recompute every logit: four matmuls.
@@ -18,29 +18,38 @@ of rows (slices of ``hidden``'s first dim):
 The backward only scales the stored gradients by the upstream gradient of the loss, so it runs
 once (no ``retain_graph`` re-runs, no double backward).
 
-**The loss must be a sum over rows**: ``loss = sum over chunks of loss_fn(chunk)``. Means must
-use the whole batch's normalizer, which all of fastrlhf's losses accept, e.g. for PPO with
-``hidden [B, T, H]`` (chunks are whole sequences)::
+**The loss must be a sum over rows**: ``loss = sum over chunks of loss_fn(chunk)``, a chunk
+being ``chunk_rows`` rows of ``hidden``'s first dim. Means must use the whole batch's
+normalizer, which all of fastrlhf's losses accept. For a token-separable loss (token-mean, SFT)
+pass flat tokens, ``hidden [N, H]``, so chunks can be any size; a loss over whole sequences
+(``agg="seq-mean-*"``, normalizer ``B``) takes ``hidden [B, T, H]``, and then a chunk holds at
+least one sequence's ``[T, V]`` logits (a warning says so when that is over 2^26 logits). PPO,
+token-mean::
 
-    n = mask.sum()                                          # token-mean over the whole batch
-    def ppo(lp, ent, rows):
-        return policy_loss(lp, old_lp[rows], adv[rows], mask[rows], normalizer=n)[0]
-    out = linear_token_loss(hidden, lm_head.weight, tokens, ppo)
+    n = int(mask.sum())                                     # the whole batch's valid tokens
+    def ppo(lp, ent, rows):                                 # lp, ent [r]; rows slices N
+        return policy_loss(lp[:, None], old_lp[rows, None], adv[rows, None], mask[rows, None],
+                           normalizer=n)[0]
+    out = linear_token_loss(hidden.flatten(0, -2), lm_head.weight, tokens.flatten(), ppo)
     out.loss.backward()
 
-``agg="seq-mean-*"`` works the same way with ``normalizer=B`` (sequences). Supervised
-fine-tuning: ``lambda lp, ent, rows: -(lp * mask[rows]).sum() / n``. Anything else ``loss_fn``
-uses must be a constant: a tensor that requires grad in its graph raises (its gradient would be
-lost).
+Supervised fine-tuning: ``lambda lp, ent, rows: -(lp * mask[rows]).sum() / n``. Anything else
+``loss_fn`` uses must be a constant: with grad mode on, a tensor that requires grad in its
+graph raises (its gradient would be lost).
 
-Memory: the chunk's logits (``chunk_size`` rows; default about 2^24 logits, 64 MiB in fp32,
-and at least one row) plus the gradients every implementation returns. Device-generic: the
-matmuls are ATen's, the fused part is the device's ``token_logprobs`` kernels.
+The gradients live from the forward to the backward: with gradient accumulation, call
+``backward`` on each micro-batch's loss before the next forward, not on a sum of them.
+
+Memory: the chunk's logits (default about 2^24 logits, 64 MiB in fp32; 16-bit weights add an
+fp32 copy of the chunk's dlogits for the fp32 ``grad_weight`` accumulator) plus the gradients
+every implementation returns. Device-generic: the matmuls are ATen's, the fused part is the
+device's ``token_logprobs`` kernels.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, NamedTuple
 
 import torch
@@ -54,6 +63,7 @@ from fastrlhf.ops.token_logprobs import _check_temperature
 LossFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 
 DEFAULT_CHUNK_LOGITS = 1 << 24
+LARGE_ROW_LOGITS = 1 << 26  # a row (sequence) bigger than this: warn that chunks cannot be smaller
 
 
 class LinearTokenLossOutput(NamedTuple):
@@ -70,18 +80,20 @@ def linear_token_loss(
     *,
     bias: torch.Tensor | None = None,
     temperature: float = 1.0,
-    chunk_size: int | None = None,
+    chunk_rows: int | None = None,
     impl: Impl = "auto",
 ) -> LinearTokenLossOutput:
     """``hidden [R, ..., H]``, ``weight [V, H]`` (``nn.Linear`` layout), ``tokens [R, ...]``,
     ``loss_fn(logprobs [r, ...], entropy [r, ...], rows: slice) -> loss []`` called on chunks of
-    ``chunk_size`` rows of the first dim -> ``(loss, logprobs, entropy)``.
+    ``chunk_rows`` rows of the first dim (default: about 2^24 logits, at least one row) ->
+    ``(loss, logprobs, entropy)``.
 
     ``loss`` equals ``loss_fn(lp, ent, slice(0, R))`` on the full ``lp, ent =
     token_logprobs(hidden @ weight.T + bias, tokens, temperature=..., return_entropy=True)``
     when ``loss_fn`` is a sum over rows (see the module doc); the gradients of ``hidden``,
     ``weight`` and ``bias`` are computed during the forward when they require grad.
-    ``impl="reference"`` materializes the logits and calls ``loss_fn`` once."""
+    ``impl="reference"`` materializes the logits and calls ``loss_fn`` once (plain autograd:
+    no checks on what ``loss_fn`` uses, backward as often as wanted)."""
     op = "linear_token_loss"
     tokens = check_lm_head(op, hidden, weight, tokens, bias)
     if hidden.dim() < 2:
@@ -91,48 +103,61 @@ def linear_token_loss(
         raise TypeError(f"fastrlhf.ops.{op}: loss_fn must be callable (logprobs, entropy, rows) -> loss, "
                         f"got {type(loss_fn).__name__}")
     temperature = _check_temperature(op, temperature)
-    chunk_size = check_chunk_size(op, chunk_size)
+    chunk_rows = check_chunk_size(op, chunk_rows, name="chunk_rows")
     if not use_kernel(op, impl, hidden.device, hidden.dtype):
         loss, lp, ent = reference.linear_token_loss(hidden, weight, tokens, loss_fn, bias=bias,
                                                     temperature=temperature)
+        _check_loss_value(loss)
         return LinearTokenLossOutput(loss, lp, ent)
-    if chunk_size == 0:
-        per_row = max(1, math.prod(hidden.shape[1:-1]) * weight.shape[0])
-        chunk_size = max(1, DEFAULT_CHUNK_LOGITS // per_row)
+    row_logits = math.prod(hidden.shape[1:-1]) * weight.shape[0]
+    if chunk_rows == 0:
+        chunk_rows = max(1, DEFAULT_CHUNK_LOGITS // max(1, row_logits))
+    if row_logits > LARGE_ROW_LOGITS:
+        warnings.warn(
+            f"fastrlhf.ops.{op}: one row of hidden {tuple(hidden.shape)} is {row_logits} logits, the smallest "
+            "chunk; for a token-separable loss pass flat tokens (hidden [N, H]) for smaller chunks",
+            stacklevel=2,
+        )
     grads_wanted = torch.is_grad_enabled()  # apply() runs forward with grad mode off
-    loss, lp, ent = _LinearTokenLoss.apply(hidden, weight, bias, tokens, loss_fn, temperature, chunk_size,
+    loss, lp, ent = _LinearTokenLoss.apply(hidden, weight, bias, tokens, loss_fn, temperature, chunk_rows,
                                            grads_wanted)
     return LinearTokenLossOutput(loss, lp, ent)
 
 
-def _check_chunk_loss(loss: torch.Tensor, allowed: tuple[torch.Tensor, ...]) -> None:
-    """loss_fn's result must be a 0-dim float tensor whose graph has no leaf requiring grad
-    besides ``allowed`` (the chunk's logprobs / entropy): another one would lose its gradient."""
-    op = "linear_token_loss"
+def _check_loss_value(loss) -> None:
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0 or not loss.is_floating_point():
         what = f"shape {tuple(loss.shape)} {loss.dtype}" if isinstance(loss, torch.Tensor) else type(loss).__name__
-        raise ValueError(f"fastrlhf.ops.{op}: loss_fn must return a 0-dim float tensor, got {what}")
+        raise ValueError(f"fastrlhf.ops.linear_token_loss: loss_fn must return a 0-dim float tensor, got {what}")
+
+
+def _check_no_other_leaves(loss: torch.Tensor, allowed: tuple[torch.Tensor, ...]) -> None:
+    """The graph of loss_fn's result must have no leaf requiring grad besides ``allowed`` (the
+    chunk's logprobs / entropy): another one would lose its gradient."""
+    def refuse(t: torch.Tensor):
+        raise RuntimeError(
+            f"fastrlhf.ops.linear_token_loss: loss_fn uses a tensor of shape {tuple(t.shape)} that requires "
+            "grad; only hidden, weight and bias get gradients here (pass it detached, or compute that part "
+            "of the loss outside)"
+        )
+
+    if loss.requires_grad and loss.grad_fn is None:  # loss_fn returned a leaf
+        refuse(loss)
     seen, stack = set(), [loss.grad_fn]
     while stack:
         fn = stack.pop()
         if fn is None or fn in seen:
             continue
         seen.add(fn)
-        variable = getattr(fn, "variable", None)  # AccumulateGrad: a leaf
-        if variable is not None:
-            if not any(variable is a for a in allowed):
-                raise RuntimeError(
-                    f"fastrlhf.ops.{op}: loss_fn uses a tensor of shape {tuple(variable.shape)} that requires "
-                    "grad; only hidden, weight and bias get gradients here (pass it detached, or compute "
-                    "that part of the loss outside)"
-                )
+        if type(fn).__name__ == "AccumulateGrad":  # a leaf
+            if not any(fn.variable is a for a in allowed):
+                refuse(fn.variable)
             continue
         stack.extend(next_fn for next_fn, _ in fn.next_functions)
 
 
 class _LinearTokenLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, tokens, loss_fn, temperature, chunk_size, grads_wanted):
+    def forward(ctx, hidden, weight, bias, tokens, loss_fn, temperature, chunk_rows, grads_wanted):
         R, H, V = hidden.shape[0], hidden.shape[-1], weight.shape[0]
         inner = hidden.shape[1:-1]
         need_h, need_w = grads_wanted and ctx.needs_input_grad[0], grads_wanted and ctx.needs_input_grad[1]
@@ -146,11 +171,11 @@ class _LinearTokenLoss(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_h else None
         grad_weight = weight.new_zeros(weight.shape, dtype=torch.float32 if low else weight.dtype) if need_w else None
         grad_bias = weight.new_zeros((V,), dtype=grad_weight.dtype if need_w else acc) if need_b else None
-        rows_per_token = math.prod(inner)
-        buffer = hidden.new_empty((min(chunk_size, R) * rows_per_token, V))  # [n, V], reused by every chunk
+        buffer = hidden.new_empty((min(chunk_rows, R) * math.prod(inner), V))  # [n, V], reused by every chunk
+        logits = None
         losses = []
-        for r0 in range(0, R, chunk_size):
-            rows = slice(r0, min(R, r0 + chunk_size))
+        for r0 in range(0, R, chunk_rows) if R > 0 else [0]:  # R = 0: loss_fn still sees the empty batch
+            rows = slice(r0, min(R, r0 + chunk_rows))
             h_c = hidden[rows].reshape(-1, H)  # [n, H]
             t_c = tokens[rows].reshape(-1)  # [n]
             logits = buffer[: h_c.shape[0]]  # [n, V]
@@ -162,19 +187,25 @@ class _LinearTokenLoss(torch.autograd.Function):
             shape = (rows.stop - r0, *inner)
             logprobs[rows] = lp.view(shape)
             entropy[rows] = ent.view(shape)
-            if not need_any:
-                losses.append(loss_fn(lp.view(shape), ent.view(shape), rows).detach())
+            # loss_fn sees copies: an in-place edit of its inputs must not reach the backward kernel
+            lp_in, ent_in = lp.view(shape).clone(), ent.view(shape).clone()
+            if not grads_wanted:
+                loss = loss_fn(lp_in, ent_in, rows)
+                _check_loss_value(loss)
+                losses.append(loss.detach())
                 continue
-            lp_leaf = lp.view(shape).detach().requires_grad_()
-            ent_leaf = ent.view(shape).detach().requires_grad_()
             with torch.enable_grad():
-                loss = loss_fn(lp_leaf, ent_leaf, rows)
-                _check_chunk_loss(loss, (lp_leaf, ent_leaf))
+                lp_in.requires_grad_(), ent_in.requires_grad_()
+                loss = loss_fn(lp_in, ent_in, rows)
+                _check_loss_value(loss)
+                _check_no_other_leaves(loss, (lp_in, ent_in))
                 grad_lp, grad_ent = (
-                    torch.autograd.grad(loss, (lp_leaf, ent_leaf), allow_unused=True)
-                    if loss.requires_grad else (None, None)
+                    torch.autograd.grad(loss, (lp_in, ent_in), allow_unused=True)
+                    if need_any and loss.requires_grad else (None, None)
                 )
             losses.append(loss.detach())
+            if not need_any:
+                continue
             if grad_lp is None and grad_ent is None:  # this chunk's loss does not depend on the logits
                 if need_h:
                     grad_hidden[rows] = 0
@@ -192,8 +223,8 @@ class _LinearTokenLoss(torch.autograd.Function):
                     grad_weight.addmm_(logits.t(), h_c)
             if need_b:
                 grad_bias += logits.sum(0, dtype=grad_bias.dtype)
-        del buffer
-        loss = torch.stack(losses).sum() if losses else hidden.new_zeros((), dtype=acc)
+        del buffer, logits  # before the gradients' dtype conversions allocate
+        loss = torch.stack(losses).sum()
         # kept as attributes, not saved tensors: the backward hands them over without a copy
         ctx.grads = (
             grad_hidden,
@@ -213,6 +244,5 @@ class _LinearTokenLoss(torch.autograd.Function):
                 "by the first backward; it cannot run twice (retain_graph) -- call linear_token_loss again"
             )
         del ctx.grads
-        out = [None if g is None else (g.mul_(grad_loss.to(g.dtype)) if grad_loss is not None else None)
-               for g in grads]
+        out = [None if g is None or grad_loss is None else g.mul_(grad_loss) for g in grads]
         return out[0], out[1], out[2], None, None, None, None, None
