@@ -1,6 +1,6 @@
 """token_logprobs / linear_token_logprobs: the fused fastrlhf kernels vs the eager PyTorch
 composition trainers use (fp32 log_softmax + gather; linear -> log_softmax -> gather),
-torch.compile of that composition, and the reference. Time forward, backward and both, and
+torch.compile of those compositions, and the reference (token_logprobs). Time forward, backward and both, and
 peak extra memory (``mem_x`` = peak / size of the [N, V] logits in their dtype, the new .grad
 buffers included; linear_token_logprobs also without its gradient outputs for hidden and
 weight, which every provider allocates: 0.28x the logits at the default shape). linear_token_loss:
@@ -109,11 +109,19 @@ def main(argv=None) -> dict:
             "kernel": lambda h, w, t: fastrlhf.ops.linear_token_logprobs(h, w, t, impl="kernel"),
             "eager": eager_linear_logprobs,
         }
+        if not args.quick:
+            c = compiled(eager_linear_logprobs)
+            if c is not None:
+                providers["compile"] = c
         want = eager_linear_logprobs(hidden.detach(), weight.detach(), tokens)
         logits_bytes = N * V * hidden.element_size()
         for name, f in providers.items():
             fwd, full = fwd_bwd(f, (hidden, weight, tokens))
-            err = (fwd().float() - want).abs().max().item()
+            try:
+                err = (fwd().float() - want).abs().max().item()
+            except Exception as exc:  # e.g. torch.compile without a working C++ toolchain
+                print(f"   provider {name} skipped: {type(exc).__name__}: {exc}".splitlines()[0])
+                continue
             if not err < 5e-2 * max(1.0, want.abs().max().item()):
                 raise AssertionError(f"linear_token_logprobs provider {name} differs by {err}")
             t_f = H.time_fn(fwd, dev, repeat=max(2, repeat // 2))
@@ -141,11 +149,19 @@ def main(argv=None) -> dict:
             "linear_token_logprobs": lambda h, W, t: -(fastrlhf.ops.linear_token_logprobs(h, W, t) * w).sum(),
             "eager": lambda h, W, t: -(eager_linear_logprobs(h, W, t) * w).sum(),
         }
+        if not args.quick:
+            c = compiled(providers["eager"])
+            if c is not None:
+                providers["compile"] = c
         want = providers["eager"](hidden.detach(), weight.detach(), tokens).item()
         logits_bytes = N * V * hidden.element_size()
         for name, f in providers.items():
             fwd, full = fwd_bwd(f, (hidden, weight, tokens))
-            err = abs(fwd().item() - want)
+            try:
+                err = abs(fwd().item() - want)
+            except Exception as exc:  # e.g. torch.compile without a working C++ toolchain
+                print(f"   provider {name} skipped: {type(exc).__name__}: {exc}".splitlines()[0])
+                continue
             if not err < 1e-2 * max(1.0, abs(want)):
                 raise AssertionError(f"linear_token_loss provider {name} differs by {err}")
             t_full = H.time_fn(full, dev, repeat=max(2, repeat // 2))
