@@ -112,13 +112,22 @@ inline void alloc_policy_forward(PolicyLossCall& c, int64_t agg, double normaliz
                      norm_length);
 }
 
+// The backward's grad_loss (a scalar) and saved row_weight [B], checked (on like's device: the
+// kernel reads them there) and converted to the accumulator dtype.
+inline void backward_scalars(const Tensor& grad_loss, const Tensor& row_weight, const Tensor& like, int64_t B,
+                             Tensor& grad_loss_out, Tensor& row_weight_out) {
+  const auto acc = acc_type(like.scalar_type());
+  TORCH_CHECK(grad_loss.numel() == 1, "fastrlhf: grad_loss must be a scalar");
+  TORCH_CHECK(row_weight.dim() == 1 && row_weight.size(0) == B, "fastrlhf: row_weight must be [B]");
+  TORCH_CHECK(grad_loss.device() == like.device() && row_weight.device() == like.device(),
+              "fastrlhf: grad_loss and row_weight must be on ", like.device());
+  grad_loss_out = grad_loss.to(acc).contiguous();
+  row_weight_out = row_weight.to(acc).contiguous();
+}
+
 inline void alloc_policy_backward(PolicyLossCall& c, const Tensor& grad_loss, const Tensor& row_weight,
                                   bool has_entropy) {
-  const auto acc = acc_type(c.logprobs.scalar_type());
-  TORCH_CHECK(grad_loss.numel() == 1, "fastrlhf: grad_loss must be a scalar");
-  TORCH_CHECK(row_weight.dim() == 1 && row_weight.size(0) == c.params.B, "fastrlhf: row_weight must be [B]");
-  c.grad_loss = grad_loss.to(acc).contiguous();
-  c.row_weight = row_weight.to(acc).contiguous();
+  backward_scalars(grad_loss, row_weight, c.logprobs, c.params.B, c.grad_loss, c.row_weight);
   c.grad_logprobs = at::empty_like(c.logprobs);
   c.grad_entropy = has_entropy ? at::empty_like(c.logprobs) : at::empty({0}, c.logprobs.options());
   auto& p = c.params;
@@ -162,11 +171,7 @@ inline void alloc_value_forward(ValueLossCall& c, int64_t agg, double normalizer
 }
 
 inline void alloc_value_backward(ValueLossCall& c, const Tensor& grad_loss, const Tensor& row_weight) {
-  const auto acc = acc_type(c.values.scalar_type());
-  TORCH_CHECK(grad_loss.numel() == 1, "fastrlhf: grad_loss must be a scalar");
-  TORCH_CHECK(row_weight.dim() == 1 && row_weight.size(0) == c.params.B, "fastrlhf: row_weight must be [B]");
-  c.grad_loss = grad_loss.to(acc).contiguous();
-  c.row_weight = row_weight.to(acc).contiguous();
+  backward_scalars(grad_loss, row_weight, c.values, c.params.B, c.grad_loss, c.row_weight);
   c.grad_values = at::empty_like(c.values);
   c.params.grad_loss = c.grad_loss.const_data_ptr();
   c.params.row_weight = c.row_weight.data_ptr();

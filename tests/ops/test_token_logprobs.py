@@ -42,15 +42,16 @@ def sample_inputs(device, dtype):
         yield dict(logits=logits, tokens=tokens, temperature=c["temperature"])
 
 
-def forward_backward(logits, tokens, *, temperature=1.0, impl="kernel", seed=0):
+def forward_backward(logits, tokens, *, temperature=1.0, impl="kernel", seed=0, entropy_grad=True):
     """(logprobs, entropy, dlogits) of loss = sum(u * logprobs + w * entropy) with random u, w
-    (so that both backward terms are exercised with different weights per position)."""
+    (so that both backward terms are exercised with different weights per position); without
+    the entropy term when not ``entropy_grad``."""
     x = logits.detach().clone().requires_grad_()
     lp, ent = token_logprobs(x, tokens, temperature=temperature, return_entropy=True, impl=impl)
     g = torch.Generator().manual_seed(seed + 100)
     u = torch.randn(lp.shape, generator=g, dtype=torch.float64).to(lp.device, lp.dtype)
     w = torch.randn(lp.shape, generator=g, dtype=torch.float64).to(lp.device, lp.dtype)
-    (u * lp + w * ent).sum().backward()
+    ((u * lp + w * ent) if entropy_grad else u * lp).sum().backward()
     return lp.detach(), ent.detach(), x.grad
 
 
@@ -257,6 +258,9 @@ def test_all_neg_inf_row_is_nan_and_isolated(dtype):
     others = torch.tensor([0, 1, 3, 4])
     assert torch.isfinite(lp[others]).all() and torch.isfinite(ent[others]).all()
     assert torch.isfinite(grad[others]).all()
+    assert torch.isnan(grad[2]).all()  # as log_softmax's gradient (with and without the entropy term)
+    _, _, grad_lp_only = forward_backward(logits, tokens, impl="kernel", entropy_grad=False)
+    assert torch.isnan(grad_lp_only[2]).all() and torch.isfinite(grad_lp_only[others]).all()
     # the other rows are exactly what they are without the bad row
     clean_lp, clean_ent = token_logprobs(logits[others], tokens[others], return_entropy=True, impl="kernel")
     assert torch.equal(lp[others], clean_lp) and torch.equal(ent[others], clean_ent)
@@ -277,7 +281,7 @@ def test_nan_logit_poisons_only_its_row(dtype, col):
     assert torch.equal(lp[rows], clean[0][rows]) and torch.equal(ent[rows], clean[1][rows])
     # gradients of the other rows stay finite
     _, _, grad = forward_backward(logits, tokens, impl="kernel")
-    assert torch.isfinite(grad[rows]).all()
+    assert torch.isfinite(grad[rows]).all() and torch.isnan(grad[1]).all()
 
 
 # ---- out-of-range tokens and bad input ----------------------------------------------------
@@ -351,6 +355,15 @@ def test_kernel_op_rejects_bad_tensors_directly():
         torch.ops.fastrlhf.token_logprobs_backward.default(lp, None, x, t, stats, ent[:2], 1.0)
     with pytest.raises(RuntimeError, match="grad_logprobs"):
         torch.ops.fastrlhf.token_logprobs_backward.default(lp[:3], None, x, t, stats, ent, 1.0)
+
+
+@pytest.mark.parametrize("op", ["token_logprobs_backward", "token_logprobs_backward_"])
+def test_backward_op_called_directly_checks_tokens(op):
+    """The backward ops are public (torch.ops): a bad token raises instead of writing out of bounds."""
+    x = torch.randn(3, 10)
+    lp, ent, row_stats = torch.ops.fastrlhf.token_logprobs.default(x, torch.tensor([1, 2, 3]), 1.0)
+    with pytest.raises(RuntimeError, match="out of range"):
+        getattr(torch.ops.fastrlhf, op).default(torch.ones(3), None, x, torch.tensor([1, 10, 3]), row_stats, ent, 1.0)
 
 
 # ---- opcheck and torch.compile ------------------------------------------------------------

@@ -142,6 +142,7 @@ template <typename S>
 Status run_backward(const BackwardParams& p, const cpu::ParallelFor& parallel_for) {
   using A = acc_t<S>;
   const A inv_t = A(p.inv_temperature);
+  std::atomic<bool> bad{false};
   parallel_for(p.N, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const S* x = static_cast<const S*>(p.logits) + i * p.V;
@@ -152,6 +153,14 @@ Status run_backward(const BackwardParams& p, const cpu::ParallelFor& parallel_fo
       const A log_s = static_cast<const A*>(p.row_stats)[2 * i + 1];
       const A H = static_cast<const A*>(p.entropy)[i];
       const int64_t tok = p.tokens[i], V = p.V;
+      if (tok < 0 || tok >= V) {  // the op can be called directly, without the forward's check
+        bad = true;
+        continue;
+      }
+      if (log_s != log_s) {  // a row of all -inf or with a NaN: NaN gradient, as log_softmax's
+        for (int64_t j = 0; j < V; ++j) store(dx + j, A(NAN));
+        continue;
+      }
       const A it = inv_t;  // locals, not captures: a store to dx could alias a captured float,
                            // and the loop would fall back to scalar code
       const A x_tok = load<A>(x + tok) * inv_t;  // read before the row is written: dx may be x
@@ -172,7 +181,7 @@ Status run_backward(const BackwardParams& p, const cpu::ParallelFor& parallel_fo
       store(dx + tok, d_tok * inv_t);
     }
   });
-  return Status::kOk;
+  return bad ? Status::kIndexOutOfRange : Status::kOk;
 }
 
 }  // namespace

@@ -60,9 +60,10 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(BackwardParams p) {
   const A log_s = static_cast<const A*>(p.row_stats)[2 * i + 1];
   const A H = static_cast<const A*>(p.entropy)[i];
   const int64_t tok = p.tokens[i];
+  const bool nan_row = log_s != log_s;  // all -inf or a NaN: NaN gradient, as log_softmax's (and the CPU's)
   for (int64_t j = threadIdx.x; j < p.V; j += kThreads) {
     const A d = grad_element(cuda::load<A>(x + j) * inv_t, m, log_s, H, g, h) + (j == tok ? g : A(0));
-    cuda::store(dx + j, d * inv_t);
+    cuda::store(dx + j, nan_row ? A(NAN) : d * inv_t);
   }
 }
 
