@@ -7,7 +7,7 @@ import torch
 
 from model_utils import left_padded, model, tiny_config, tiny_model  # noqa: F401  (model: fixture)
 from fastrlhf import ops
-from fastrlhf.models import CausalLM, CausalLMConfig
+from fastrlhf.models import CausalLM, CausalLMConfig, KVCache
 
 
 def test_forward_shapes_and_hidden(model):
@@ -224,3 +224,28 @@ def test_decode_weights_pack_and_free():
     with lora.decode_weights():
         assert lora.model.layers[0].self_attn.packed_qkv is None  # q_proj is LoRA: not packed
         assert lora.model.layers[0].mlp.packed_gate_up is not None
+
+
+@pytest.mark.parametrize("rows", [[0, 2, 3], [1, 4], [0, 1, 2, 3, 4], [3], [], [4, 0, 2]])
+def test_kv_cache_select_keeps_rows_in_order(rows):
+    """select keeps each kept row's valid positions (in place for increasing rows: the same
+    storage, only moved rows copied); any other order gathers."""
+    cfg = tiny_config()
+    cache = KVCache(cfg, 5, 12)
+    g = torch.Generator().manual_seed(0)
+    for t in cache.k + cache.v:
+        t.copy_(torch.randn(t.shape, generator=g))
+    cache.lengths = torch.tensor([3, 12, 7, 0, 5])
+    before_k = [t.clone() for t in cache.k]
+    before_v = [t.clone() for t in cache.v]
+    ptr = cache.k[0].data_ptr()
+    idx = torch.tensor(rows, dtype=torch.long)
+    cache.select(idx)
+    assert cache.batch_size == len(rows) and torch.equal(cache.lengths, torch.tensor([3, 12, 7, 0, 5])[idx])
+    for new, old in zip(cache.k + cache.v, before_k + before_v):
+        assert new.shape == (len(rows),) + old.shape[1:]
+        for i, r in enumerate(rows):
+            n = int(cache.lengths[i])
+            assert torch.equal(new[i, :, :n], old[r, :, :n])
+    if rows and rows == sorted(rows):
+        assert cache.k[0].data_ptr() == ptr  # compacted in place

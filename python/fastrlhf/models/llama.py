@@ -204,10 +204,29 @@ class KVCache:
         return self.lengths.shape[0]
 
     def select(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (an index tensor), in that order: finished rows stop costing compute."""
-        self.k = [k.index_select(0, rows) for k in self.k]
-        self.v = [v.index_select(0, rows) for v in self.v]
-        self.lengths = self.lengths.index_select(0, rows)
+        """Keep only ``rows`` (an index tensor), in that order: finished rows stop costing compute.
+
+        Increasing ``rows`` (what generation passes: the rows still running) compact the cache in
+        place: only the rows that move are copied, and only their first ``max(lengths)``
+        positions; the cache becomes a view of the first ``len(rows)`` rows of its storage (no
+        new allocation). Other orders gather into new tensors."""
+        rows = rows.to(self.lengths.device)
+        n = rows.numel()
+        lengths = self.lengths.index_select(0, rows)
+        if n > 1 and not bool((rows[1:] > rows[:-1]).all()):
+            self.k = [k.index_select(0, rows) for k in self.k]
+            self.v = [v.index_select(0, rows) for v in self.v]
+        else:
+            # row i moves from rows[i] >= i: a gather of the moved rows, then a write to [0, n)
+            moved = (rows != torch.arange(n, device=rows.device)).nonzero().squeeze(1)
+            used = int(lengths.max()) if n else 0
+            if moved.numel() and used:
+                src = rows.index_select(0, moved)
+                for t in self.k + self.v:
+                    t[moved, :, :used] = t[src, :, :used]
+            self.k = [k[:n] for k in self.k]
+            self.v = [v[:n] for v in self.v]
+        self.lengths = lengths
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
