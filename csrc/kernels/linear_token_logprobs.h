@@ -28,16 +28,20 @@ struct Tiles {
   int64_t block = 0;  // vocab rows per block (vc)
 };
 
-// chunk_size > 0: that many tokens per chunk; 0: 512. The vocab block has kTileElements / chunk
-// rows (at least 256, at most V): a tile of 2^20 logits up to chunks of 4096 tokens.
+// chunk_size > 0: that many tokens per chunk; 0: 512. The vocab block has about kTileElements /
+// chunk rows, rounded down to a multiple of kBlockQuantum (at least one quantum, at most V): a
+// tile of <= 2^20 logits up to chunks of 4096 tokens. The quantum is two of the fp32
+// micro-kernel's work units (groups of 8 strips of 14 vocab rows, cpu/linear_token_logprobs.cpp),
+// so a block splits evenly over two threads.
 constexpr int64_t kDefaultChunk = 512;
 constexpr int64_t kTileElements = int64_t(1) << 20;  // 4 MiB of fp32 logits
+constexpr int64_t kBlockQuantum = 14 * 8 * 2;
 inline Tiles choose_tiles(int64_t N, int64_t V, int64_t chunk_size) {
   Tiles t;
   t.chunk = chunk_size > 0 ? chunk_size : kDefaultChunk;
   if (t.chunk > N) t.chunk = N > 0 ? N : 1;
-  t.block = kTileElements / t.chunk;
-  if (t.block < 256) t.block = 256;
+  t.block = kTileElements / t.chunk / kBlockQuantum * kBlockQuantum;
+  if (t.block < kBlockQuantum) t.block = kBlockQuantum;
   if (t.block > V) t.block = V > 0 ? V : 1;
   return t;
 }

@@ -116,7 +116,7 @@ def test_chunk_size_does_not_change_the_answer(chunk_size):
 )
 def test_online_statistics_across_vocab_blocks(case):
     """The CPU kernel's tiles span at most ~2^20 logits, so 4096 tokens x V = 600 are split into
-    vocab blocks of 256, 256, 88 (3000-token chunks: blocks of 349, 251) and each token's
+    vocab blocks of 224, 224, 152 (also with 3000-token chunks) and each token's
     log-sum-exp / entropy is merged across blocks; the max moves between blocks (large logits),
     and a block can hold nothing but -inf for every token."""
     inp = make_inputs((4096,), 4, 600, seed=11)
@@ -160,7 +160,7 @@ def test_zero_hidden_size(dtype):
 def test_bitwise_identical_for_any_thread_count():
     """fp32 CPU kernel: the tile GEMMs run as fixed panels of single-threaded BLAS calls, so 1 and
     2 threads give the same bits (a multi-threaded BLAS rounded the narrow last vocab block
-    differently); uneven chunks (700 + 700 + 100 tokens) and vocab blocks (1497 + 1497 + 6)."""
+    differently); uneven chunks (700 + 700 + 100 tokens) and vocab blocks (1344 + 1344 + 312)."""
     inp = make_inputs((1500,), 64, 3000, dtype=torch.float32, seed=13)
     before = torch.get_num_threads()
     try:
@@ -173,6 +173,20 @@ def test_bitwise_identical_for_any_thread_count():
     for other in (b, c):
         for name, x, y in zip(NAMES, a, other):
             assert torch.equal(x, y), name
+
+
+@pytest.mark.parametrize("H,chunk_size", [(100, 300), (64, None), (17, 45), (1, 14)])
+def test_fp32_kernel_vs_fp64_reference_uneven_shapes(H, chunk_size):
+    """fp32 on the CPU runs the AVX-512 micro-kernel where the build has it (packed strips of 14
+    vocab rows / tokens x 32 tokens / hidden columns): hidden sizes and chunks that are not
+    multiples of the strips, vocab blocks with partial strips, vs the fp64 reference."""
+    inp = make_inputs((777,), H, 3001, dtype=torch.float32, seed=21)
+    k = forward_backward(**inp, chunk_size=chunk_size, temperature=0.9)
+    r = forward_backward(**{n: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                            for n, v in inp.items()}, temperature=0.9, impl="reference")
+    for name, a, b in zip(NAMES, k, r):
+        scale = max(1.0, b.abs().max().item()) if name in ("logprobs", "entropy") else b.abs().max().item()
+        assert_close(a, b, torch.float32, rtol=1e-5, atol=2e-5 * scale, what=name)
 
 
 @pytest.mark.parametrize("device", DEVICES)

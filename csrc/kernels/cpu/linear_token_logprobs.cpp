@@ -3,6 +3,10 @@
 
 #include <algorithm>
 #include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "sgemm.h"
 
 namespace fastrlhf::kernels::linear_token_logprobs {
 namespace {
@@ -29,6 +33,45 @@ void for_panels(int64_t rows, int64_t row_panel, int64_t cols, int64_t col_panel
     }
   });
 }
+
+// The chunk's hidden states packed for the AVX-512 micro-kernel (cpu/sgemm.h), once per chunk and
+// shared by every vocabulary block: h^T in strips of 32 tokens (the B operand of the logits) and,
+// for the backward, h in strips of 32 hidden columns (the B operand of grad_weight).
+struct ChunkPacks {
+  std::vector<float> h_t;  // [ceil(nc / 32)][H][32]
+  std::vector<float> h;    // [ceil(H / 32)][nc][32] (backward only)
+};
+
+#if defined(FASTRLHF_SGEMM_AVX512)
+namespace sg = cpu::sgemm;
+constexpr int64_t kGroupRows = sg::kMr * 8;  // vocab rows per task: 8 strips of A packed together
+
+inline int64_t strips(int64_t n, int64_t w) { return (n + w - 1) / w; }
+
+void pack_chunk(const float* hidden, int64_t H, int64_t n0, int64_t nc, bool backward, ChunkPacks& packs,
+                const cpu::ParallelFor& parallel_for) {
+  const int64_t ts = strips(nc, sg::kNr), hs = strips(H, sg::kNr);
+  packs.h_t.resize(ts * H * sg::kNr);
+  parallel_for(ts, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t q = s0; q < s1; ++q)
+      sg::pack_b_transposed(hidden + (n0 + q * sg::kNr) * H, H, std::min<int64_t>(sg::kNr, nc - q * sg::kNr), H,
+                            packs.h_t.data() + q * H * sg::kNr);
+  });
+  if (!backward) return;
+  packs.h.resize(hs * nc * sg::kNr);
+  parallel_for(hs, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t q = s0; q < s1; ++q)
+      sg::pack_b_rows(hidden + n0 * H + q * sg::kNr, H, std::min<int64_t>(sg::kNr, H - q * sg::kNr), nc,
+                      packs.h.data() + q * nc * sg::kNr);
+  });
+}
+
+float* thread_buffer(size_t n) {
+  static thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+#endif
 
 template <typename T>
 struct Tile {
@@ -61,7 +104,75 @@ struct Tile {
            gh + (n0 + n) * H + d, H);
     });
   }
+
+#if defined(FASTRLHF_SGEMM_AVX512)
+  // The same three products on the AVX-512 micro-kernel (fp32 only). Tasks: groups of 8 vocab
+  // strips (their W or dL rows packed once per task) or strips of 32 hidden columns.
+  void compute_packed(const ChunkPacks& packs, const cpu::ParallelFor& parallel_for) const {
+    static_assert(std::is_same_v<T, float>);
+    const int64_t ts = strips(nc, sg::kNr);
+    parallel_for(strips(vc, kGroupRows), 1, [&](int64_t g0, int64_t g1) {
+      float* a = thread_buffer(size_t(kGroupRows) * H);
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t vb = g * kGroupRows, ve = std::min(vc, vb + kGroupRows), ns = strips(ve - vb, sg::kMr);
+        for (int64_t q = 0; q < ns; ++q)
+          sg::pack_a_rows(weight + (v0 + vb + q * sg::kMr) * H, H, int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)),
+                          H, a + q * sg::kMr * H);
+        for (int64_t t = 0; t < ts; ++t) {
+          const int64_t cols = std::min<int64_t>(sg::kNr, nc - t * sg::kNr);
+          for (int64_t q = 0; q < ns; ++q)
+            sg::tile_rows(int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)), H, a + q * sg::kMr * H, sg::kMr,
+                          packs.h_t.data() + t * H * sg::kNr, sg::kNr, data + (vb + q * sg::kMr) * nc + t * sg::kNr,
+                          nc, false, sg::lo_mask(cols), sg::hi_mask(cols));
+        }
+      }
+    });
+  }
+  void grad_weight_packed(const ChunkPacks& packs, const cpu::ParallelFor& parallel_for, bool accumulate,
+                          float* gw) const {
+    const int64_t hs = strips(H, sg::kNr);
+    parallel_for(strips(vc, kGroupRows), 1, [&](int64_t g0, int64_t g1) {
+      float* a = thread_buffer(size_t(kGroupRows) * nc);
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t vb = g * kGroupRows, ve = std::min(vc, vb + kGroupRows), ns = strips(ve - vb, sg::kMr);
+        for (int64_t q = 0; q < ns; ++q)
+          sg::pack_a_rows(data + (vb + q * sg::kMr) * nc, nc, int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)),
+                          nc, a + q * sg::kMr * nc);
+        for (int64_t j = 0; j < hs; ++j) {
+          const int64_t cols = std::min<int64_t>(sg::kNr, H - j * sg::kNr);
+          for (int64_t q = 0; q < ns; ++q)
+            sg::tile_rows(int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)), nc, a + q * sg::kMr * nc, sg::kMr,
+                          packs.h.data() + j * nc * sg::kNr, sg::kNr, gw + (v0 + vb + q * sg::kMr) * H + j * sg::kNr,
+                          H, accumulate, sg::lo_mask(cols), sg::hi_mask(cols));
+        }
+      }
+    });
+  }
+  // dL^T is read in place (a_k = nc: 14 consecutive tokens per vocab row); W's 32-column strip
+  // is packed once per task.
+  void grad_hidden_packed(const cpu::ParallelFor& parallel_for, bool accumulate, float* gh) const {
+    parallel_for(strips(H, sg::kNr), 1, [&](int64_t j0, int64_t j1) {
+      float* b = thread_buffer(size_t(vc) * sg::kNr);
+      for (int64_t j = j0; j < j1; ++j) {
+        const int64_t cols = std::min<int64_t>(sg::kNr, H - j * sg::kNr);
+        sg::pack_b_rows(weight + v0 * H + j * sg::kNr, H, cols, vc, b);
+        for (int64_t n = 0; n < nc; n += sg::kMr)
+          sg::tile_rows(int(std::min<int64_t>(sg::kMr, nc - n)), vc, data + n, nc, b, sg::kNr,
+                        gh + (n0 + n) * H + j * sg::kNr, H, accumulate, sg::lo_mask(cols), sg::hi_mask(cols));
+      }
+    });
+  }
+#endif
 };
+
+// Whether the fp32 products run on cpu/sgemm.h's micro-kernel instead of the injected BLAS.
+template <typename T>
+constexpr bool kPackedGemm =
+#if defined(FASTRLHF_SGEMM_AVX512)
+    std::is_same_v<T, float>;
+#else
+    false;
+#endif
 
 // Tokens (tile columns) per work unit of the statistics pass. The pass walks the tile's rows in
 // order, each row's kCols entries contiguous (so the hardware prefetcher streams the tile), and
@@ -118,6 +229,23 @@ void gather_tokens(const Tile<T>& t, const int64_t* tokens, T inv_t, T* x_tok) {
 }
 
 template <typename T>
+void compute_setup(const void* hidden, int64_t H, int64_t n0, int64_t nc, bool backward, ChunkPacks& packs,
+                   const cpu::ParallelFor& parallel_for) {
+#if defined(FASTRLHF_SGEMM_AVX512)
+  if constexpr (kPackedGemm<T>) pack_chunk(static_cast<const float*>(hidden), H, n0, nc, backward, packs, parallel_for);
+#endif
+}
+
+template <typename T>
+void compute_tile(const Tile<T>& t, const cpu::Gemm<T>& gemm, const ChunkPacks& packs,
+                  const cpu::ParallelFor& parallel_for) {
+#if defined(FASTRLHF_SGEMM_AVX512)
+  if constexpr (kPackedGemm<T>) return t.compute_packed(packs, parallel_for);
+#endif
+  t.compute(gemm, parallel_for);
+}
+
+template <typename T>
 Status run(const Params& p, const cpu::Blas& blas, const cpu::ParallelFor& parallel_for) {
   const T inv_t = T(p.inv_temperature);
   for (int64_t i = 0; i < p.N; ++i)
@@ -128,15 +256,17 @@ Status run(const Params& p, const cpu::Blas& blas, const cpu::ParallelFor& paral
   T* s = m + NC;
   T* e = s + NC;
   T* x_tok = e + NC;
+  ChunkPacks packs;
   for (int64_t n0 = 0; n0 < p.N; n0 += NC) {
     const int64_t nc = std::min(NC, p.N - n0);
     std::fill(m, m + nc, -std::numeric_limits<T>::infinity());
     std::fill(s, s + nc, T(0));
     std::fill(e, e + nc, T(0));
+    compute_setup<T>(p.hidden, p.H, n0, nc, false, packs, parallel_for);
     for (int64_t v0 = 0; v0 < p.V; v0 += VC) {
       const Tile<T> t{static_cast<const T*>(p.hidden), static_cast<const T*>(p.weight), static_cast<const T*>(p.bias),
                       p.H, n0, nc, v0, std::min(VC, p.V - v0), static_cast<T*>(p.tile)};
-      t.compute(gemm, parallel_for);
+      compute_tile(t, gemm, packs, parallel_for);
       gather_tokens(t, p.tokens, inv_t, x_tok);
       parallel_for((nc + kCols - 1) / kCols, 1, [&](int64_t u0, int64_t u1) {
         const T it = inv_t;
@@ -177,8 +307,10 @@ Status run_backward(const BackwardParams& p, const cpu::Blas& blas, const cpu::P
   T* x_tok = h + NC;
   const T* stats = static_cast<const T*>(p.row_stats);
   const bool with_entropy = p.grad_entropy != nullptr;
+  ChunkPacks packs;
   for (int64_t n0 = 0; n0 < p.N; n0 += NC) {
     const int64_t nc = std::min(NC, p.N - n0);
+    compute_setup<T>(p.hidden, p.H, n0, nc, true, packs, parallel_for);
     const int64_t row_grain = std::max<int64_t>(1, (int64_t(1) << 15) / nc);  // tile rows per task: >= 32K logits
     for (int64_t n = 0; n < nc; ++n) {
       m[n] = stats[2 * (n0 + n)], log_s[n] = stats[2 * (n0 + n) + 1];
@@ -189,7 +321,7 @@ Status run_backward(const BackwardParams& p, const cpu::Blas& blas, const cpu::P
     for (int64_t v0 = 0; v0 < p.V; v0 += VC) {
       const Tile<T> t{static_cast<const T*>(p.hidden), static_cast<const T*>(p.weight), static_cast<const T*>(p.bias),
                       p.H, n0, nc, v0, std::min(VC, p.V - v0), static_cast<T*>(p.tile)};
-      t.compute(gemm, parallel_for);
+      compute_tile(t, gemm, packs, parallel_for);
       gather_tokens(t, p.tokens, inv_t, x_tok);
       // logits -> dlogits in place, rows (vocab entries) in parallel, vectorized over tokens
       parallel_for(t.vc, row_grain, [&](int64_t r0, int64_t r1) {
@@ -214,8 +346,16 @@ Status run_backward(const BackwardParams& p, const cpu::Blas& blas, const cpu::P
         if (v >= 0 && v < t.vc)
           t.data[v * nc + n] = (grad_element(x_tok[n], m[n], log_s[n], ent[n], g[n], h[n]) + g[n]) * inv_t;
       }
-      t.grad_weight(gemm, parallel_for, n0 > 0, gw);
-      t.grad_hidden(gemm, parallel_for, v0 > 0, static_cast<T*>(p.grad_hidden));
+#if defined(FASTRLHF_SGEMM_AVX512)
+      if constexpr (kPackedGemm<T>) {
+        t.grad_weight_packed(packs, parallel_for, n0 > 0, gw);
+        t.grad_hidden_packed(parallel_for, v0 > 0, static_cast<T*>(p.grad_hidden));
+      } else
+#endif
+      {
+        t.grad_weight(gemm, parallel_for, n0 > 0, gw);
+        t.grad_hidden(gemm, parallel_for, v0 > 0, static_cast<T*>(p.grad_hidden));
+      }
       if (gb != nullptr) {
         parallel_for(t.vc, row_grain, [&](int64_t r0, int64_t r1) {
           for (int64_t v = r0; v < r1; ++v) {
