@@ -119,6 +119,32 @@ def measure_bandwidth(device: str, *, quick: bool) -> float:
     return 2 * n * 4 / t / 1e9
 
 
+def paired_bandwidth_fraction(fn: Callable[[], object], bytes_moved: float, device: str, *, buffer_bytes: int,
+                              repeat: int = 7) -> float:
+    """Median over ``repeat`` back-to-back pairs of (``bytes_moved`` / time of ``fn()``) / (copy
+    bandwidth of a ``buffer_bytes`` buffer measured right after it). The machine's bandwidth
+    drifts within a run (24-53 GB/s), so a fraction of one ceiling measured minutes away can be
+    off by 2x either way; each pair here sees the same moment."""
+    n = max(1, buffer_bytes // 4)
+    src = torch.ones(n, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    fn()
+    sync(device)
+    fracs = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        t1 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        t2 = time.perf_counter()
+        fracs.append((bytes_moved / (t1 - t0)) / (2 * n * 4 / (t2 - t1)))
+    del src, dst
+    return statistics.median(fracs)
+
+
 def matmul_gflops(device: str, *, quick: bool) -> float:
     """fp32 GEMM throughput (GFLOP/s) of a square matmul: the compute ceiling."""
     n = 512 if quick else 2048
@@ -170,7 +196,8 @@ def _extra_cell(extra: dict) -> str:
     if "mem_x_without_grads" in extra:
         return f"peak {extra['mem_x']:.2f}x logits ({extra['mem_x_without_grads']:.2f}x without the grads)"
     if "mem_x" in extra:
-        return f"peak {extra['mem_x']:.2f}x logits"
+        paired = f", {100 * extra['frac_bw_paired']:.0f}% of paired copy bw" if "frac_bw_paired" in extra else ""
+        return f"peak {extra['mem_x']:.2f}x logits{paired}"
     if "passes_over_logits" in extra:
         return f"{extra['passes_over_logits']:.1f} passes"
     if "gflops" in extra:

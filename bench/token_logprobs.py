@@ -6,7 +6,9 @@ buffers included; linear_token_logprobs also without its gradient outputs for hi
 weight, which every provider allocates: 0.28x the logits at the default shape). linear_token_loss:
 the LM head with a token-weighted loss known up front, fwd+bwd, vs linear_token_logprobs + the
 loss and the eager composition + the loss.
-Bandwidth for token_logprobs fwd+bwd: the logits are read twice and dlogits written once."""
+Bandwidth for token_logprobs fwd+bwd: the logits are read twice and dlogits written once; the
+kernel and eager rows also give it as a fraction of a copy timed right after each run (median of
+pairs: robust to the machine's drift, unlike %bw against the run's ceilings)."""
 
 from __future__ import annotations
 
@@ -94,9 +96,13 @@ def main(argv=None) -> dict:
             logits.grad = None  # measure from a state without a previous gradient
             mem = H.peak_memory(full, dev)
             gbps = 3 * logits_bytes / t_full / 1e9
+            extra = {"peak_extra_bytes": mem, "mem_x": mem / logits_bytes}
+            if name in ("kernel", "eager"):
+                extra["frac_bw_paired"] = H.paired_bandwidth_fraction(full, 3 * logits_bytes, dev,
+                                                                      buffer_bytes=logits_bytes, repeat=repeat + 2)
             rows.append(H.Row("token_logprobs fwd", f"{N}x{V}", dn, name, t_f * 1e3))
             rows.append(H.Row("token_logprobs fwd+bwd", f"{N}x{V}", dn, name, t_full * 1e3, gbps, gbps / bw,
-                              extra={"peak_extra_bytes": mem, "mem_x": mem / logits_bytes}))
+                              extra=extra))
 
     # ---- linear_token_logprobs ----
     N, Hd, V = (256, 128, 2048) if args.quick else (4096, 1024, 32000)
