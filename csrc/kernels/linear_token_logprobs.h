@@ -12,10 +12,14 @@
 //   grad_bias[v0:v0+vc] (+)= row sums of dL^T.
 // Loops: token chunks outer, vocab blocks inner, so a chunk's grad_hidden stays in cache and
 // each block of grad_weight is read and written once per chunk. Only the tile (vc x nc) and a
-// few [nc] vectors are allocated (fp32 on AVX-512: also the chunk's hidden states, packed twice).
-// GEMMs: fp32 on AVX-512 targets runs cpu/sgemm.h's micro-kernel on packed strips (~95% of the
-// FMA peak; MKL reached 84-87% on these panels); fp64 and other targets run fixed panels of
-// single-threaded calls of the injected BLAS (vocab-major, the orientation MKL runs fastest).
+// few [nc] vectors are allocated; fp32 on AVX-512 builds also packs the chunk's hidden states
+// (h^T in 32-token strips; in the backward h in 32-column strips too: 2 x nc x H floats, padded
+// to 32) and each work unit packs its operand strips (<= 112 x max(H, nc) or 2048 x 32 floats,
+// freed after each product).
+// GEMMs: fp32 on AVX-512 builds runs cpu/sgemm.h's micro-kernel on packed strips (~95% of the
+// FMA peak; MKL reached 84-87% on these panels) for chunks of >= 32 tokens; fp64, other targets
+// and smaller chunks run fixed panels of single-threaded calls of the injected BLAS (vocab-major,
+// the orientation MKL runs fastest).
 // Either way work units split only output entries, each a sum in a fixed order: for given tile
 // sizes, results do not depend on the thread count.
 #pragma once

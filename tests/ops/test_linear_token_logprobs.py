@@ -66,6 +66,14 @@ def assert_all_close(got, want, dtype=None, **tol):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_sample_inputs_kernel_matches_reference_fp32(device):
+    for inp in sample_inputs(device, torch.float32):
+        k = forward_backward(**inp, impl="kernel")
+        r = forward_backward(**inp, impl="reference")
+        assert_all_close(k, r, torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_sample_inputs_kernel_matches_reference(device):
     for inp in sample_inputs(device, torch.float64):
         k = forward_backward(**inp, impl="kernel")
@@ -158,9 +166,9 @@ def test_zero_hidden_size(dtype):
 
 
 def test_bitwise_identical_for_any_thread_count():
-    """fp32 CPU kernel: the tile GEMMs run as fixed panels of single-threaded BLAS calls, so 1 and
-    2 threads give the same bits (a multi-threaded BLAS rounded the narrow last vocab block
-    differently); uneven chunks (700 + 700 + 100 tokens) and vocab blocks (1344 + 1344 + 312)."""
+    """fp32 CPU kernel: the tile GEMMs run as fixed work units (micro-kernel strips, or panels of
+    single-threaded BLAS calls), so 1 and 2 threads give the same bits (a multi-threaded BLAS
+    rounded the narrow last vocab block differently); uneven chunks (700 + 700 + 100 tokens) and vocab blocks (1344 + 1344 + 312)."""
     inp = make_inputs((1500,), 64, 3000, dtype=torch.float32, seed=13)
     before = torch.get_num_threads()
     try:
@@ -175,11 +183,13 @@ def test_bitwise_identical_for_any_thread_count():
             assert torch.equal(x, y), name
 
 
-@pytest.mark.parametrize("H,chunk_size", [(100, 300), (64, None), (17, 45), (1, 14)])
+@pytest.mark.parametrize("H,chunk_size", [(100, 300), (100, 700), (64, None), (17, 45), (1, 14), (40, 31)])
 def test_fp32_kernel_vs_fp64_reference_uneven_shapes(H, chunk_size):
     """fp32 on the CPU runs the AVX-512 micro-kernel where the build has it (packed strips of 14
     vocab rows / tokens x 32 tokens / hidden columns): hidden sizes and chunks that are not
-    multiples of the strips, vocab blocks with partial strips, vs the fp64 reference."""
+    multiples of the strips, vocab blocks with partial strips, several blocks accumulating into a
+    partial 32-column strip of grad_hidden (H = 100, chunks of 700: blocks 1344 + 1344 + 313), and
+    chunks under 32 tokens (the BLAS path; chunk 31, then the 2-token tail), vs the fp64 reference."""
     inp = make_inputs((777,), H, 3001, dtype=torch.float32, seed=21)
     k = forward_backward(**inp, chunk_size=chunk_size, temperature=0.9)
     r = forward_backward(**{n: (v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)

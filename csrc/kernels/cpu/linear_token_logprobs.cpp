@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <limits>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -17,10 +18,11 @@ using token_logprobs::finalize;
 using token_logprobs::grad_element;
 using token_logprobs::RowResult;
 
-// The GEMMs run as a fixed grid of panels inside parallel_for, each panel one single-threaded
-// BLAS call (csrc/ops/utils.h torch_gemm): results do not depend on the thread count
-// (cpu/parallel.h), and a 512-token chunk still gives 16-32 panels for many-core machines.
-// Panels split only output dimensions, never a sum.
+// BLAS path (fp64, builds without AVX-512, chunks under kMinPackedChunk tokens): the GEMMs run as
+// a fixed grid of panels inside parallel_for, each panel one single-threaded BLAS call
+// (csrc/ops/utils.h torch_gemm): results do not depend on the thread count (cpu/parallel.h), and
+// a 512-token chunk still gives 16-32 panels for many-core machines. Panels split only output
+// dimensions, never a sum. The fp32 AVX-512 path (below) follows the same rules.
 constexpr int64_t kTokenPanel = 128, kVocabPanel = 256, kHiddenPanel = 256;
 template <typename F>
 void for_panels(int64_t rows, int64_t row_panel, int64_t cols, int64_t col_panel, const cpu::ParallelFor& parallel_for,
@@ -44,9 +46,20 @@ struct ChunkPacks {
 
 #if defined(FASTRLHF_SGEMM_AVX512)
 namespace sg = cpu::sgemm;
-constexpr int64_t kGroupRows = sg::kMr * 8;  // vocab rows per task: 8 strips of A packed together
+constexpr int64_t kGroupRows = sg::kMr * 8;  // vocab rows per work unit: 8 strips of A packed together
+static_assert(kBlockQuantum % (2 * kGroupRows) == 0, "vocab blocks: an even number of work units");
+// Below this many tokens per chunk the 32-token strips would mostly multiply padding: BLAS path.
+constexpr int64_t kMinPackedChunk = 32;
+// Work units per product: at least kMinUnits (a second split, of tokens or hidden columns, when
+// the first gives fewer), so machines with many cores have work too. Shapes alone decide.
+constexpr int64_t kMinUnits = 16;
+// grad_hidden packs W's 32-column strip kSubBlock vocab rows at a time (bounded scratch).
+constexpr int64_t kSubBlock = 2048;
 
 inline int64_t strips(int64_t n, int64_t w) { return (n + w - 1) / w; }
+inline int64_t parts_for(int64_t units, int64_t max_parts) {
+  return std::max<int64_t>(1, std::min(max_parts, strips(kMinUnits, std::max<int64_t>(1, units))));
+}
 
 void pack_chunk(const float* hidden, int64_t H, int64_t n0, int64_t nc, bool backward, ChunkPacks& packs,
                 const cpu::ParallelFor& parallel_for) {
@@ -64,12 +77,6 @@ void pack_chunk(const float* hidden, int64_t H, int64_t n0, int64_t nc, bool bac
       sg::pack_b_rows(hidden + n0 * H + q * sg::kNr, H, std::min<int64_t>(sg::kNr, H - q * sg::kNr), nc,
                       packs.h.data() + q * nc * sg::kNr);
   });
-}
-
-float* thread_buffer(size_t n) {
-  static thread_local std::vector<float> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
 }
 #endif
 
@@ -106,73 +113,91 @@ struct Tile {
   }
 
 #if defined(FASTRLHF_SGEMM_AVX512)
-  // The same three products on the AVX-512 micro-kernel (fp32 only). Tasks: groups of 8 vocab
-  // strips (their W or dL rows packed once per task) or strips of 32 hidden columns.
+  // The same three products on the AVX-512 micro-kernel (fp32 only). Work units: a group of 8
+  // vocab strips (their W or dL rows packed once per unit) x a range of token strips / hidden
+  // strips, or a 32-column hidden strip x a range of token strips. Scratch is allocated per
+  // parallel_for body and freed with it.
   void compute_packed(const ChunkPacks& packs, const cpu::ParallelFor& parallel_for) const {
     static_assert(std::is_same_v<T, float>);
-    const int64_t ts = strips(nc, sg::kNr);
-    parallel_for(strips(vc, kGroupRows), 1, [&](int64_t g0, int64_t g1) {
-      float* a = thread_buffer(size_t(kGroupRows) * H);
-      for (int64_t g = g0; g < g1; ++g) {
+    const int64_t groups = strips(vc, kGroupRows), ts = strips(nc, sg::kNr);
+    const int64_t parts = parts_for(groups, ts), per_part = strips(ts, parts);
+    parallel_for(groups * parts, 1, [&](int64_t u0, int64_t u1) {
+      const std::unique_ptr<float[]> a(new float[size_t(kGroupRows) * H]);  // uninitialized
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t g = u / parts, t0 = u % parts * per_part, t1 = std::min(ts, t0 + per_part);
         const int64_t vb = g * kGroupRows, ve = std::min(vc, vb + kGroupRows), ns = strips(ve - vb, sg::kMr);
         for (int64_t q = 0; q < ns; ++q)
           sg::pack_a_rows(weight + (v0 + vb + q * sg::kMr) * H, H, int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)),
-                          H, a + q * sg::kMr * H);
-        for (int64_t t = 0; t < ts; ++t) {
+                          H, a.get() + q * sg::kMr * H);
+        for (int64_t t = t0; t < t1; ++t) {
           const int64_t cols = std::min<int64_t>(sg::kNr, nc - t * sg::kNr);
           for (int64_t q = 0; q < ns; ++q)
-            sg::tile_rows(int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)), H, a + q * sg::kMr * H, sg::kMr,
-                          packs.h_t.data() + t * H * sg::kNr, sg::kNr, data + (vb + q * sg::kMr) * nc + t * sg::kNr,
-                          nc, false, sg::lo_mask(cols), sg::hi_mask(cols));
+            sg::tile_rows(int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)), H, a.get() + q * sg::kMr * H,
+                          sg::kMr, packs.h_t.data() + t * H * sg::kNr, sg::kNr,
+                          data + (vb + q * sg::kMr) * nc + t * sg::kNr, nc, false, sg::lo_mask(cols), sg::hi_mask(cols));
         }
       }
     });
   }
   void grad_weight_packed(const ChunkPacks& packs, const cpu::ParallelFor& parallel_for, bool accumulate,
                           float* gw) const {
-    const int64_t hs = strips(H, sg::kNr);
-    parallel_for(strips(vc, kGroupRows), 1, [&](int64_t g0, int64_t g1) {
-      float* a = thread_buffer(size_t(kGroupRows) * nc);
-      for (int64_t g = g0; g < g1; ++g) {
+    const int64_t groups = strips(vc, kGroupRows), hs = strips(H, sg::kNr);
+    const int64_t parts = parts_for(groups, hs), per_part = strips(hs, parts);
+    parallel_for(groups * parts, 1, [&](int64_t u0, int64_t u1) {
+      const std::unique_ptr<float[]> a(new float[size_t(kGroupRows) * nc]);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t g = u / parts, j0 = u % parts * per_part, j1 = std::min(hs, j0 + per_part);
         const int64_t vb = g * kGroupRows, ve = std::min(vc, vb + kGroupRows), ns = strips(ve - vb, sg::kMr);
         for (int64_t q = 0; q < ns; ++q)
           sg::pack_a_rows(data + (vb + q * sg::kMr) * nc, nc, int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)),
-                          nc, a + q * sg::kMr * nc);
-        for (int64_t j = 0; j < hs; ++j) {
+                          nc, a.get() + q * sg::kMr * nc);
+        for (int64_t j = j0; j < j1; ++j) {
           const int64_t cols = std::min<int64_t>(sg::kNr, H - j * sg::kNr);
           for (int64_t q = 0; q < ns; ++q)
-            sg::tile_rows(int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)), nc, a + q * sg::kMr * nc, sg::kMr,
-                          packs.h.data() + j * nc * sg::kNr, sg::kNr, gw + (v0 + vb + q * sg::kMr) * H + j * sg::kNr,
-                          H, accumulate, sg::lo_mask(cols), sg::hi_mask(cols));
+            sg::tile_rows(int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)), nc, a.get() + q * sg::kMr * nc,
+                          sg::kMr, packs.h.data() + j * nc * sg::kNr, sg::kNr,
+                          gw + (v0 + vb + q * sg::kMr) * H + j * sg::kNr, H, accumulate, sg::lo_mask(cols),
+                          sg::hi_mask(cols));
         }
       }
     });
   }
   // dL^T is read in place (a_k = nc: 14 consecutive tokens per vocab row); W's 32-column strip
-  // is packed once per task.
+  // is packed kSubBlock vocab rows at a time, each sub-block's sum added to C in order.
   void grad_hidden_packed(const cpu::ParallelFor& parallel_for, bool accumulate, float* gh) const {
-    parallel_for(strips(H, sg::kNr), 1, [&](int64_t j0, int64_t j1) {
-      float* b = thread_buffer(size_t(vc) * sg::kNr);
-      for (int64_t j = j0; j < j1; ++j) {
+    const int64_t hs = strips(H, sg::kNr), ns = strips(nc, sg::kMr);
+    const int64_t parts = parts_for(hs, ns), per_part = strips(ns, parts);
+    parallel_for(hs * parts, 1, [&](int64_t u0, int64_t u1) {
+      const std::unique_ptr<float[]> b(new float[size_t(std::min(vc, kSubBlock)) * sg::kNr]);
+      for (int64_t u = u0; u < u1; ++u) {
+        const int64_t j = u / parts, s0 = u % parts * per_part, s1 = std::min(ns, s0 + per_part);
         const int64_t cols = std::min<int64_t>(sg::kNr, H - j * sg::kNr);
-        sg::pack_b_rows(weight + v0 * H + j * sg::kNr, H, cols, vc, b);
-        for (int64_t n = 0; n < nc; n += sg::kMr)
-          sg::tile_rows(int(std::min<int64_t>(sg::kMr, nc - n)), vc, data + n, nc, b, sg::kNr,
-                        gh + (n0 + n) * H + j * sg::kNr, H, accumulate, sg::lo_mask(cols), sg::hi_mask(cols));
+        for (int64_t k0 = 0; k0 < vc; k0 += kSubBlock) {
+          const int64_t kc = std::min(kSubBlock, vc - k0);
+          sg::pack_b_rows(weight + (v0 + k0) * H + j * sg::kNr, H, cols, kc, b.get());
+          for (int64_t q = s0; q < s1; ++q) {
+            const int64_t n = q * sg::kMr;
+            sg::tile_rows(int(std::min<int64_t>(sg::kMr, nc - n)), kc, data + k0 * nc + n, nc, b.get(), sg::kNr,
+                          gh + (n0 + n) * H + j * sg::kNr, H, accumulate || k0 > 0, sg::lo_mask(cols),
+                          sg::hi_mask(cols));
+          }
+        }
       }
     });
   }
 #endif
 };
 
-// Whether the fp32 products run on cpu/sgemm.h's micro-kernel instead of the injected BLAS.
+// Whether a chunk's products run on cpu/sgemm.h's micro-kernel instead of the injected BLAS.
 template <typename T>
-constexpr bool kPackedGemm =
+bool packed_gemm(int64_t nc) {
 #if defined(FASTRLHF_SGEMM_AVX512)
-    std::is_same_v<T, float>;
+  return std::is_same_v<T, float> && nc >= kMinPackedChunk;
 #else
-    false;
+  (void)nc;
+  return false;
 #endif
+}
 
 // Tokens (tile columns) per work unit of the statistics pass. The pass walks the tile's rows in
 // order, each row's kCols entries contiguous (so the hardware prefetcher streams the tile), and
@@ -232,7 +257,8 @@ template <typename T>
 void compute_setup(const void* hidden, int64_t H, int64_t n0, int64_t nc, bool backward, ChunkPacks& packs,
                    const cpu::ParallelFor& parallel_for) {
 #if defined(FASTRLHF_SGEMM_AVX512)
-  if constexpr (kPackedGemm<T>) pack_chunk(static_cast<const float*>(hidden), H, n0, nc, backward, packs, parallel_for);
+  if constexpr (std::is_same_v<T, float>)
+    if (packed_gemm<T>(nc)) pack_chunk(static_cast<const float*>(hidden), H, n0, nc, backward, packs, parallel_for);
 #endif
 }
 
@@ -240,7 +266,8 @@ template <typename T>
 void compute_tile(const Tile<T>& t, const cpu::Gemm<T>& gemm, const ChunkPacks& packs,
                   const cpu::ParallelFor& parallel_for) {
 #if defined(FASTRLHF_SGEMM_AVX512)
-  if constexpr (kPackedGemm<T>) return t.compute_packed(packs, parallel_for);
+  if constexpr (std::is_same_v<T, float>)
+    if (packed_gemm<T>(t.nc)) return t.compute_packed(packs, parallel_for);
 #endif
   t.compute(gemm, parallel_for);
 }
@@ -346,13 +373,17 @@ Status run_backward(const BackwardParams& p, const cpu::Blas& blas, const cpu::P
         if (v >= 0 && v < t.vc)
           t.data[v * nc + n] = (grad_element(x_tok[n], m[n], log_s[n], ent[n], g[n], h[n]) + g[n]) * inv_t;
       }
+      bool done = false;
 #if defined(FASTRLHF_SGEMM_AVX512)
-      if constexpr (kPackedGemm<T>) {
-        t.grad_weight_packed(packs, parallel_for, n0 > 0, gw);
-        t.grad_hidden_packed(parallel_for, v0 > 0, static_cast<T*>(p.grad_hidden));
-      } else
+      if constexpr (std::is_same_v<T, float>) {
+        if (packed_gemm<T>(nc)) {
+          t.grad_weight_packed(packs, parallel_for, n0 > 0, gw);
+          t.grad_hidden_packed(parallel_for, v0 > 0, static_cast<T*>(p.grad_hidden));
+          done = true;
+        }
+      }
 #endif
-      {
+      if (!done) {
         t.grad_weight(gemm, parallel_for, n0 > 0, gw);
         t.grad_hidden(gemm, parallel_for, v0 > 0, static_cast<T*>(p.grad_hidden));
       }

@@ -1,6 +1,8 @@
 // fp32 GEMM building blocks for AVX-512 (see sgemm.h).
 #include "sgemm.h"
 
+#include <cassert>
+
 #if defined(FASTRLHF_SGEMM_AVX512)
 
 namespace fastrlhf::kernels::cpu::sgemm {
@@ -15,7 +17,8 @@ void tile_rows(int rows, int64_t K, const float* a, int64_t a_k, const float* b,
     FRL_TILE_CASE(7) FRL_TILE_CASE(8) FRL_TILE_CASE(9) FRL_TILE_CASE(10) FRL_TILE_CASE(11) FRL_TILE_CASE(12)
     FRL_TILE_CASE(13) FRL_TILE_CASE(14)
 #undef FRL_TILE_CASE
-    default:
+    default:  // 0 rows; more than kMr is a caller bug
+      assert(rows == 0);
       return;
   }
 }

@@ -1,7 +1,8 @@
 // fp32 GEMM building blocks for AVX-512 targets: a register-blocked micro-kernel and the packing
 // routines around it, for kernels that lay out their own matrix products (the
-// linear_token_logprobs tiles). On this project's 2-core Zen 4 machine torch's MKL reaches 84-87%
-// of the FMA peak on those panel shapes, this micro-kernel ~95% on packed operands.
+// linear_token_logprobs tiles). Compiled where the build targets AVX-512 (FASTRLHF_CPU_ARCH=native
+// on such a CPU). On this project's 2-core Zen 4 machine torch's MKL reaches 84-87% of the FMA
+// peak on those panel shapes, this micro-kernel ~98% on packed operands in L2.
 //
 // tile<R>: C[R x 32] (=|+=) sum_k A(i, k) B(k, j) with A(i, k) = a[k * a_k + i] (R consecutive
 // values per k: a packed strip has a_k = R, a row-major matrix read as its transpose has
@@ -55,12 +56,12 @@ inline void tile(int64_t K, const float* __restrict a, int64_t a_k, const float*
   }
 }
 
-// tile<rows> for a runtime rows in [1, kMr].
+// tile<rows> for a runtime rows in [1, kMr] (0: nothing).
 void tile_rows(int rows, int64_t K, const float* a, int64_t a_k, const float* b, int64_t b_k, float* c, int64_t ldc,
                bool accumulate, __mmask16 m0, __mmask16 m1);
 
-// A strip from rows: dst[k * kMr + i] = src[i * ld + k] for i < rows, k < K (rows < kMr: the
-// missing rows are not written and never read).
+// A strip from rows: dst[k * kMr + i] = src[i * ld + k] for i < rows, k < K (rows < kMr: lanes
+// rows..kMr-1 may be zero-filled, inside the strip's K * kMr floats, and are never read).
 void pack_a_rows(const float* src, int64_t ld, int rows, int64_t K, float* dst);
 // B strip from rows: dst[k * kNr + j] = src[k * ld + j] for j < cols, 0 for cols <= j < kNr.
 void pack_b_rows(const float* src, int64_t ld, int64_t cols, int64_t K, float* dst);

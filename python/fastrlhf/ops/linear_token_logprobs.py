@@ -3,14 +3,15 @@ never materializing the ``[N, V]`` logits.
 
 CPU, fp32/fp64: a tiled kernel (``csrc/kernels/linear_token_logprobs.h``). For each chunk of
 ``chunk_size`` tokens (default 512) and each vocabulary block (about 2^20 logits per tile, 4 MiB
-in fp32) one GEMM computes the tile ``W_block @ hidden_chunk.T`` (fp32 on AVX-512 CPUs: our own
-register-blocked micro-kernel, ``csrc/kernels/cpu/sgemm.h``; otherwise torch's BLAS); the
+in fp32) one GEMM computes the tile ``W_block @ hidden_chunk.T`` (fp32 in a build for an AVX-512
+CPU, ``FASTRLHF_CPU_ARCH=native``: our own register-blocked micro-kernel,
+``csrc/kernels/cpu/sgemm.h``; otherwise torch's BLAS); the
 per-token log-sum-exp, chosen logit and entropy are updated online across blocks. The backward
 recomputes each tile, turns it into ``dlogits`` in place and accumulates ``grad_weight`` and
 ``grad_hidden`` with two more GEMMs: four matmuls in all against the three of eager code that
 keeps the logits, the price of never storing them (:func:`~fastrlhf.ops.linear_token_loss` needs
-three when the loss is known up front). Extra memory is the tile (and, fp32, the chunk's hidden
-states packed for the micro-kernel).
+three when the loss is known up front). Extra memory is the tile (and, fp32 on the micro-kernel,
+the chunk's hidden states packed: up to two ``[chunk, H]`` copies).
 
 Other devices and 16-bit CPU dtypes: row chunks of ``chunk_size`` tokens (default about 2^23
 logits) through ATen's matmul and the fused :func:`~fastrlhf.ops.token_logprobs` kernels, the
