@@ -55,6 +55,23 @@ def time_fn(fn: Callable[[], object], device: str, *, repeat: int, min_time: flo
     return statistics.median(times)
 
 
+def time_round_robin(fns: dict[str, Callable[[], object]], device: str, *, repeat: int) -> dict[str, float]:
+    """Median wall time in seconds of each ``fns[name]()``, called round robin (one call of each
+    per round, after one warm-up call each): a shared machine's slow spells then hit every
+    provider alike, and the ratios between them hold even when the machine drifts."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for fn in fns.values():
+        fn()
+        sync(device)
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def _rss_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

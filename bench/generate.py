@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 
 import torch
 
@@ -72,19 +71,9 @@ def main(argv=None) -> dict:
     rows: list[H.Row] = []
     shape = f"B{B} P{P} N{N} {n_params / 1e6:.1f}M"
     providers = {"fastrlhf": ours, "fastrlhf_hf_adapter": adapter, "transformers": transformers_generate}
-    # round robin (one call of each provider per round, median over rounds): a shared machine's
-    # slow spells then hit every provider alike
-    times: dict[str, list[float]] = {name: [] for name in providers}
-    for fn in providers.values():
-        fn()  # warm-up
-    for _ in range(repeat):
-        for name, fn in providers.items():
-            t0 = time.perf_counter()
-            fn()
-            H.sync(dev)
-            times[name].append(time.perf_counter() - t0)
+    times = H.time_round_robin(providers, dev, repeat=repeat)
     for name in providers:
-        t = statistics.median(times[name])
+        t = times[name]
         tokens = B * N
         gflops = 2 * n_params * (tokens + int(lengths.sum())) / t / 1e9
         extra = {"tokens_per_s": tokens / t, "gflops": gflops, "frac_matmul": gflops / mm}

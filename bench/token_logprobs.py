@@ -1,6 +1,7 @@
 """token_logprobs / linear_token_logprobs: the fused fastrlhf kernels vs the eager PyTorch
 composition trainers use (fp32 log_softmax + gather; linear -> log_softmax -> gather),
-torch.compile of those compositions, and the reference (token_logprobs). Time forward, backward and both, and
+torch.compile of those compositions, and the reference (token_logprobs). Time forward, backward and both
+(the LM-head providers round robin: the machine's drift hits all of them alike), and
 peak extra memory (``mem_x`` = peak / size of the [N, V] logits in their dtype, the new .grad
 buffers included; linear_token_logprobs also without its gradient outputs for hidden and
 weight, which every provider allocates: 0.28x the logits at the default shape). linear_token_loss:
@@ -55,6 +56,39 @@ def fwd_bwd(f, inputs, grad_seed=0):
         return out
 
     return fwd, full
+
+
+def lm_head_rows(op, providers, inputs, check, dn, dev, *, repeat, with_fwd) -> list:
+    """Rows of one LM-head comparison: each provider checked against the expected output (a
+    provider that fails to run, e.g. torch.compile without a toolchain, is skipped), timed round
+    robin with the others (fwd+bwd, and fwd when ``with_fwd``), then its peak memory alone."""
+    hidden, weight, _ = inputs
+    N, Hd, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
+    calls = {}
+    for name, f in providers.items():
+        fwd, full = fwd_bwd(f, inputs)
+        try:
+            ok = check(fwd())
+        except Exception as exc:
+            print(f"   provider {name} skipped: {type(exc).__name__}: {exc}".splitlines()[0])
+            continue
+        if not ok:
+            raise AssertionError(f"{op} provider {name} gives a different result")
+        calls[name] = (fwd, full)
+    t_full = H.time_round_robin({n: c[1] for n, c in calls.items()}, dev, repeat=repeat)
+    t_fwd = H.time_round_robin({n: c[0] for n, c in calls.items()}, dev, repeat=repeat) if with_fwd else {}
+    logits_bytes = N * V * hidden.element_size()
+    grads = (hidden.numel() + weight.numel()) * hidden.element_size()  # outputs every provider makes
+    rows = []
+    for name, (fwd, full) in calls.items():
+        hidden.grad = weight.grad = None
+        mem = H.peak_memory(full, dev)
+        if with_fwd:
+            rows.append(H.Row(f"{op} fwd", f"{N}x{Hd}x{V}", dn, name, t_fwd[name] * 1e3))
+        rows.append(H.Row(f"{op} fwd+bwd", f"{N}x{Hd}x{V}", dn, name, t_full[name] * 1e3,
+                          extra={"peak_extra_bytes": mem, "mem_x": mem / logits_bytes,
+                                 "mem_x_without_grads": (mem - grads) / logits_bytes}))
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -120,25 +154,9 @@ def main(argv=None) -> dict:
             if c is not None:
                 providers["compile"] = c
         want = eager_linear_logprobs(hidden.detach(), weight.detach(), tokens)
-        logits_bytes = N * V * hidden.element_size()
-        for name, f in providers.items():
-            fwd, full = fwd_bwd(f, (hidden, weight, tokens))
-            try:
-                err = (fwd().float() - want).abs().max().item()
-            except Exception as exc:  # e.g. torch.compile without a working C++ toolchain
-                print(f"   provider {name} skipped: {type(exc).__name__}: {exc}".splitlines()[0])
-                continue
-            if not err < 5e-2 * max(1.0, want.abs().max().item()):
-                raise AssertionError(f"linear_token_logprobs provider {name} differs by {err}")
-            t_f = H.time_fn(fwd, dev, repeat=max(2, repeat // 2))
-            t_full = H.time_fn(full, dev, repeat=max(2, repeat // 2))
-            hidden.grad = weight.grad = None
-            mem = H.peak_memory(full, dev)
-            grads = (hidden.numel() + weight.numel()) * hidden.element_size()  # outputs every provider makes
-            rows.append(H.Row("linear_token_logprobs fwd", f"{N}x{Hd}x{V}", dn, name, t_f * 1e3))
-            rows.append(H.Row("linear_token_logprobs fwd+bwd", f"{N}x{Hd}x{V}", dn, name, t_full * 1e3,
-                              extra={"peak_extra_bytes": mem, "mem_x": mem / logits_bytes,
-                                     "mem_x_without_grads": (mem - grads) / logits_bytes}))
+        check = lambda out: (out.float() - want).abs().max().item() < 5e-2 * max(1.0, want.abs().max().item())  # noqa: E731
+        rows += lm_head_rows("linear_token_logprobs", providers, (hidden, weight, tokens), check, dn, dev,
+                             repeat=max(3, repeat // 2), with_fwd=True)
 
     # ---- linear_token_loss: the same LM head with the loss known up front (3 matmuls) ----
     # loss = token-weighted sum of log-probs (SFT cross-entropy with weights / a policy-gradient
@@ -160,23 +178,9 @@ def main(argv=None) -> dict:
             if c is not None:
                 providers["compile"] = c
         want = providers["eager"](hidden.detach(), weight.detach(), tokens).item()
-        logits_bytes = N * V * hidden.element_size()
-        for name, f in providers.items():
-            fwd, full = fwd_bwd(f, (hidden, weight, tokens))
-            try:
-                err = abs(fwd().item() - want)
-            except Exception as exc:  # e.g. torch.compile without a working C++ toolchain
-                print(f"   provider {name} skipped: {type(exc).__name__}: {exc}".splitlines()[0])
-                continue
-            if not err < 1e-2 * max(1.0, abs(want)):
-                raise AssertionError(f"linear_token_loss provider {name} differs by {err}")
-            t_full = H.time_fn(full, dev, repeat=max(2, repeat // 2))
-            hidden.grad = weight.grad = None
-            mem = H.peak_memory(full, dev)
-            grads = (hidden.numel() + weight.numel()) * hidden.element_size()
-            rows.append(H.Row("linear_token_loss fwd+bwd", f"{N}x{Hd}x{V}", dn, name, t_full * 1e3,
-                              extra={"peak_extra_bytes": mem, "mem_x": mem / logits_bytes,
-                                     "mem_x_without_grads": (mem - grads) / logits_bytes}))
+        check = lambda out: abs(out.item() - want) < 1e-2 * max(1.0, abs(want))  # noqa: E731
+        rows += lm_head_rows("linear_token_loss", providers, (hidden, weight, tokens), check, dn, dev,
+                             repeat=max(3, repeat // 2), with_fwd=False)
     H.add_speedups(rows, "eager")
     return H.report("token_logprobs", rows, args, {"copy_bandwidth_GBps": round(bw, 1),
                                                    "matmul_GFLOPs": round(H.matmul_gflops(dev, quick=args.quick), 1)})
