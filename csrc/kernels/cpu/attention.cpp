@@ -19,10 +19,13 @@
 #include <vector>
 
 #include "../attention.h"
+#include "parallel.h"
 #include "simd.h"
 
 namespace fastrlhf::kernels::attention {
 namespace {
+
+using cpu::TaskQueue;
 
 constexpr int64_t kBK = 64;  // keys per decode tile, at most
 
@@ -44,34 +47,6 @@ std::vector<Task> tasks_for(const Params& p, int64_t heads, int64_t rows_per_blo
   }
   return t;
 }
-
-// Tasks handed out largest first, each pool thread taking the next one when it finishes its
-// last. Attention tasks differ in cost by up to T^2 (causal query blocks, varlen sequences and
-// padded rows of different lengths): a static split of the task list can leave one thread idle
-// for most of the call (a varlen batch with one long sequence did). Each task writes only its
-// own outputs, so the schedule never changes the result.
-class TaskQueue {
- public:
-  explicit TaskQueue(const std::vector<int64_t>& cost) : order_(cost.size()) {
-    std::iota(order_.begin(), order_.end(), int64_t(0));
-    std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
-  }
-  int64_t size() const { return int64_t(order_.size()); }
-  // The next task, or -1 once all are taken.
-  int64_t next() {
-    const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
-    return i < size() ? order_[i] : -1;
-  }
-  // worker() (which sets up its buffers, then loops on next()) once per pool thread.
-  template <typename F>
-  void run(const cpu::ParallelFor& parallel_for, F&& worker) {
-    parallel_for(size(), 1, [&](int64_t, int64_t) { worker(); });
-  }
-
- private:
-  std::vector<int64_t> order_;
-  std::atomic<int64_t> next_{0};
-};
 
 // Score-matrix entries a (sequence, query rows [i0, i1)) task computes: its cost.
 inline int64_t block_cost(const Seq& sq, int64_t i0, int64_t i1, bool causal) {

@@ -115,15 +115,17 @@ struct Tile {
 #if defined(FASTRLHF_SGEMM_AVX512)
   // The same three products on the AVX-512 micro-kernel (fp32 only). Work units: a group of 8
   // vocab strips (their W or dL rows packed once per unit) x a range of token strips / hidden
-  // strips, or a 32-column hidden strip x a range of token strips. Scratch is allocated per
-  // parallel_for body and freed with it.
+  // strips, or a 32-column hidden strip x a range of token strips; handed out from a TaskQueue
+  // (a thread slowed by a shared machine takes fewer). Scratch is allocated per worker and
+  // freed with it.
   void compute_packed(const ChunkPacks& packs, const cpu::ParallelFor& parallel_for) const {
     static_assert(std::is_same_v<T, float>);
     const int64_t groups = strips(vc, kGroupRows), ts = strips(nc, sg::kNr);
     const int64_t parts = parts_for(groups, ts), per_part = strips(ts, parts);
-    parallel_for(groups * parts, 1, [&](int64_t u0, int64_t u1) {
+    cpu::TaskQueue queue(groups * parts);
+    queue.run(parallel_for, [&] {
       const std::unique_ptr<float[]> a(new float[size_t(kGroupRows) * H]);  // uninitialized
-      for (int64_t u = u0; u < u1; ++u) {
+      for (int64_t u; (u = queue.next()) >= 0;) {
         const int64_t g = u / parts, t0 = u % parts * per_part, t1 = std::min(ts, t0 + per_part);
         const int64_t vb = g * kGroupRows, ve = std::min(vc, vb + kGroupRows), ns = strips(ve - vb, sg::kMr);
         for (int64_t q = 0; q < ns; ++q)
@@ -143,9 +145,10 @@ struct Tile {
                           float* gw) const {
     const int64_t groups = strips(vc, kGroupRows), hs = strips(H, sg::kNr);
     const int64_t parts = parts_for(groups, hs), per_part = strips(hs, parts);
-    parallel_for(groups * parts, 1, [&](int64_t u0, int64_t u1) {
+    cpu::TaskQueue queue(groups * parts);
+    queue.run(parallel_for, [&] {
       const std::unique_ptr<float[]> a(new float[size_t(kGroupRows) * nc]);
-      for (int64_t u = u0; u < u1; ++u) {
+      for (int64_t u; (u = queue.next()) >= 0;) {
         const int64_t g = u / parts, j0 = u % parts * per_part, j1 = std::min(hs, j0 + per_part);
         const int64_t vb = g * kGroupRows, ve = std::min(vc, vb + kGroupRows), ns = strips(ve - vb, sg::kMr);
         for (int64_t q = 0; q < ns; ++q)
@@ -167,9 +170,10 @@ struct Tile {
   void grad_hidden_packed(const cpu::ParallelFor& parallel_for, bool accumulate, float* gh) const {
     const int64_t hs = strips(H, sg::kNr), ns = strips(nc, sg::kMr);
     const int64_t parts = parts_for(hs, ns), per_part = strips(ns, parts);
-    parallel_for(hs * parts, 1, [&](int64_t u0, int64_t u1) {
+    cpu::TaskQueue queue(hs * parts);
+    queue.run(parallel_for, [&] {
       const std::unique_ptr<float[]> b(new float[size_t(std::min(vc, kSubBlock)) * sg::kNr]);
-      for (int64_t u = u0; u < u1; ++u) {
+      for (int64_t u; (u = queue.next()) >= 0;) {
         const int64_t j = u / parts, s0 = u % parts * per_part, s1 = std::min(ns, s0 + per_part);
         const int64_t cols = std::min<int64_t>(sg::kNr, H - j * sg::kNr);
         for (int64_t k0 = 0; k0 < vc; k0 += kSubBlock) {

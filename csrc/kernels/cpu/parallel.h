@@ -4,8 +4,12 @@
 // results are bitwise identical whatever the number of threads.
 #pragma once
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <functional>
+#include <numeric>
+#include <vector>
 
 namespace fastrlhf::kernels::cpu {
 
@@ -22,5 +26,36 @@ inline int64_t rows_grain(int64_t row_len, int64_t elements) {
 inline void serial_for(int64_t n, int64_t /*grain*/, const Body& body) {
   if (n > 0) body(0, n);
 }
+
+// Tasks handed out one at a time from a shared counter, each pool thread taking the next one
+// when it finishes its last (largest first when costs are given). Tasks that differ in cost (the
+// attention kernels' causal blocks and varlen sequences: up to T^2) or threads that run at
+// different speeds (a shared machine) would leave a static split idle. Each task must write only
+// its own outputs, so the schedule never changes the result.
+class TaskQueue {
+ public:
+  explicit TaskQueue(int64_t n) : order_(std::max<int64_t>(n, 0)) {
+    std::iota(order_.begin(), order_.end(), int64_t(0));
+  }
+  explicit TaskQueue(const std::vector<int64_t>& cost) : order_(cost.size()) {
+    std::iota(order_.begin(), order_.end(), int64_t(0));
+    std::stable_sort(order_.begin(), order_.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
+  }
+  int64_t size() const { return int64_t(order_.size()); }
+  // The next task, or -1 once all are taken.
+  int64_t next() {
+    const int64_t i = next_.fetch_add(1, std::memory_order_relaxed);
+    return i < size() ? order_[i] : -1;
+  }
+  // worker() (which sets up its buffers, then loops on next()) once per pool thread.
+  template <typename F>
+  void run(const ParallelFor& parallel_for, F&& worker) {
+    parallel_for(size(), 1, [&](int64_t, int64_t) { worker(); });
+  }
+
+ private:
+  std::vector<int64_t> order_;
+  std::atomic<int64_t> next_{0};
+};
 
 }  // namespace fastrlhf::kernels::cpu
