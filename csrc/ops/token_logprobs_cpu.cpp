@@ -12,25 +12,29 @@ std::tuple<Tensor, Tensor, Tensor> token_logprobs_cpu(const Tensor& logits, cons
   return {c.logprobs, c.entropy, c.row_stats};
 }
 
+// in_place: dlogits written over logits (token_logprobs_backward_)
+Tensor run_backward(const std::optional<Tensor>& grad_logprobs, const std::optional<Tensor>& grad_entropy,
+                    const Tensor& logits, const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
+                    double temperature, bool in_place) {
+  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy,
+                                           temperature, in_place);
+  check_status(k::token_logprobs::launch_backward_cpu(c.params, c.dtype, torch_parallel_for()),
+               "token_logprobs_backward");
+  return c.grad_logits;
+}
+
 Tensor token_logprobs_backward_cpu(const std::optional<Tensor>& grad_logprobs,
                                    const std::optional<Tensor>& grad_entropy, const Tensor& logits,
                                    const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
                                    double temperature) {
-  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy,
-                                           temperature);
-  check_status(k::token_logprobs::launch_backward_cpu(c.params, c.dtype, torch_parallel_for()),
-               "token_logprobs_backward");
-  return c.grad_logits;
+  return run_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy, temperature, false);
 }
 
 void token_logprobs_backward_inplace_cpu(const std::optional<Tensor>& grad_logprobs,
                                          const std::optional<Tensor>& grad_entropy, const Tensor& logits,
                                          const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
                                          double temperature) {
-  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy,
-                                           temperature, /*in_place=*/true);
-  check_status(k::token_logprobs::launch_backward_cpu(c.params, c.dtype, torch_parallel_for()),
-               "token_logprobs_backward_");
+  run_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy, temperature, true);
 }
 
 }  // namespace

@@ -9,17 +9,13 @@ import pytest
 import torch
 
 from fastrlhf.ops import linear_token_loss, policy_loss
-from conftest import DEVICES, assert_close
+from conftest import DEVICES, assert_close, lm_head_inputs
 
 
-def make_inputs(lead, H, V, *, bias=True, dtype=torch.float64, device="cpu", seed=0):
-    g = torch.Generator().manual_seed(seed)
-    f64 = dict(generator=g, dtype=torch.float64)
-    hidden = torch.randn(*lead, H, **f64).to(device, dtype)
-    weight = (torch.randn(V, H, **f64) * 2.0 / H**0.5).to(device, dtype)
-    b = (torch.randn(V, **f64) * 0.5).to(device, dtype) if bias else None
-    tokens = torch.randint(0, V, tuple(lead), generator=g).to(device)
-    return hidden, weight, b, tokens
+def make_inputs(lead, H, V, **kw):
+    """(hidden, weight, bias, tokens): conftest.lm_head_inputs as a tuple."""
+    d = lm_head_inputs(lead, H, V, **kw)
+    return d["hidden"], d["weight"], d["bias"], d["tokens"]
 
 
 def ppo_loss_fn(lead, device, *, agg="token-mean", seed=1, entropy_coef=0.01):

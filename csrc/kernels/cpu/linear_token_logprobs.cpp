@@ -78,6 +78,32 @@ void pack_chunk(const float* hidden, int64_t H, int64_t n0, int64_t nc, bool bac
                       packs.h.data() + q * nc * sg::kNr);
   });
 }
+
+// C[rows, cols] (+)= A[rows, K] B[K, cols], A row-major (row stride lda), B packed as 32-column
+// strips ([K][32] each, padded), C row stride ldc. Work units: a group of 8 strips of A (packed
+// once per unit) x a range of B strips.
+void row_group_product(int64_t rows, const float* a, int64_t lda, int64_t K, const float* b, int64_t cols, float* c,
+                       int64_t ldc, bool accumulate, const cpu::ParallelFor& parallel_for) {
+  const int64_t groups = strips(rows, kGroupRows), bs = strips(cols, sg::kNr);
+  const int64_t parts = parts_for(groups, bs), per_part = strips(bs, parts);
+  cpu::TaskQueue queue(groups * parts);
+  queue.run(parallel_for, [&] {
+    const std::unique_ptr<float[]> pa(new float[size_t(kGroupRows) * K]);  // uninitialized
+    for (int64_t u; (u = queue.next()) >= 0;) {
+      const int64_t g = u / parts, s0 = u % parts * per_part, s1 = std::min(bs, s0 + per_part);
+      const int64_t rb = g * kGroupRows, re = std::min(rows, rb + kGroupRows), ns = strips(re - rb, sg::kMr);
+      auto strip_rows = [&](int64_t q) { return int(std::min<int64_t>(sg::kMr, re - rb - q * sg::kMr)); };
+      for (int64_t q = 0; q < ns; ++q)
+        sg::pack_a_rows(a + (rb + q * sg::kMr) * lda, lda, strip_rows(q), K, pa.get() + q * sg::kMr * K);
+      for (int64_t t = s0; t < s1; ++t) {
+        const int64_t n = std::min<int64_t>(sg::kNr, cols - t * sg::kNr);
+        for (int64_t q = 0; q < ns; ++q)
+          sg::tile_rows(strip_rows(q), K, pa.get() + q * sg::kMr * K, sg::kMr, b + t * K * sg::kNr, sg::kNr,
+                        c + (rb + q * sg::kMr) * ldc + t * sg::kNr, ldc, accumulate, sg::lo_mask(n), sg::hi_mask(n));
+      }
+    }
+  });
+}
 #endif
 
 template <typename T>
@@ -113,57 +139,16 @@ struct Tile {
   }
 
 #if defined(FASTRLHF_SGEMM_AVX512)
-  // The same three products on the AVX-512 micro-kernel (fp32 only). Work units: a group of 8
-  // vocab strips (their W or dL rows packed once per unit) x a range of token strips / hidden
-  // strips, or a 32-column hidden strip x a range of token strips; handed out from a TaskQueue
-  // (a thread slowed by a shared machine takes fewer). Scratch is allocated per worker and
-  // freed with it.
+  // The same three products on the AVX-512 micro-kernel (fp32 only). Work units (row_group_product,
+  // and grad_hidden's 32-column hidden strips x ranges of token strips) are handed out from a
+  // TaskQueue (a thread slowed by a shared machine takes fewer); scratch is allocated per worker.
   void compute_packed(const ChunkPacks& packs, const cpu::ParallelFor& parallel_for) const {
     static_assert(std::is_same_v<T, float>);
-    const int64_t groups = strips(vc, kGroupRows), ts = strips(nc, sg::kNr);
-    const int64_t parts = parts_for(groups, ts), per_part = strips(ts, parts);
-    cpu::TaskQueue queue(groups * parts);
-    queue.run(parallel_for, [&] {
-      const std::unique_ptr<float[]> a(new float[size_t(kGroupRows) * H]);  // uninitialized
-      for (int64_t u; (u = queue.next()) >= 0;) {
-        const int64_t g = u / parts, t0 = u % parts * per_part, t1 = std::min(ts, t0 + per_part);
-        const int64_t vb = g * kGroupRows, ve = std::min(vc, vb + kGroupRows), ns = strips(ve - vb, sg::kMr);
-        for (int64_t q = 0; q < ns; ++q)
-          sg::pack_a_rows(weight + (v0 + vb + q * sg::kMr) * H, H, int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)),
-                          H, a.get() + q * sg::kMr * H);
-        for (int64_t t = t0; t < t1; ++t) {
-          const int64_t cols = std::min<int64_t>(sg::kNr, nc - t * sg::kNr);
-          for (int64_t q = 0; q < ns; ++q)
-            sg::tile_rows(int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)), H, a.get() + q * sg::kMr * H,
-                          sg::kMr, packs.h_t.data() + t * H * sg::kNr, sg::kNr,
-                          data + (vb + q * sg::kMr) * nc + t * sg::kNr, nc, false, sg::lo_mask(cols), sg::hi_mask(cols));
-        }
-      }
-    });
+    row_group_product(vc, weight + v0 * H, H, H, packs.h_t.data(), nc, data, nc, false, parallel_for);
   }
   void grad_weight_packed(const ChunkPacks& packs, const cpu::ParallelFor& parallel_for, bool accumulate,
                           float* gw) const {
-    const int64_t groups = strips(vc, kGroupRows), hs = strips(H, sg::kNr);
-    const int64_t parts = parts_for(groups, hs), per_part = strips(hs, parts);
-    cpu::TaskQueue queue(groups * parts);
-    queue.run(parallel_for, [&] {
-      const std::unique_ptr<float[]> a(new float[size_t(kGroupRows) * nc]);
-      for (int64_t u; (u = queue.next()) >= 0;) {
-        const int64_t g = u / parts, j0 = u % parts * per_part, j1 = std::min(hs, j0 + per_part);
-        const int64_t vb = g * kGroupRows, ve = std::min(vc, vb + kGroupRows), ns = strips(ve - vb, sg::kMr);
-        for (int64_t q = 0; q < ns; ++q)
-          sg::pack_a_rows(data + (vb + q * sg::kMr) * nc, nc, int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)),
-                          nc, a.get() + q * sg::kMr * nc);
-        for (int64_t j = j0; j < j1; ++j) {
-          const int64_t cols = std::min<int64_t>(sg::kNr, H - j * sg::kNr);
-          for (int64_t q = 0; q < ns; ++q)
-            sg::tile_rows(int(std::min<int64_t>(sg::kMr, ve - vb - q * sg::kMr)), nc, a.get() + q * sg::kMr * nc,
-                          sg::kMr, packs.h.data() + j * nc * sg::kNr, sg::kNr,
-                          gw + (v0 + vb + q * sg::kMr) * H + j * sg::kNr, H, accumulate, sg::lo_mask(cols),
-                          sg::hi_mask(cols));
-        }
-      }
-    });
+    row_group_product(vc, data, nc, nc, packs.h.data(), H, gw + v0 * H, H, accumulate, parallel_for);
   }
   // dL^T is read in place (a_k = nc: 14 consecutive tokens per vocab row); W's 32-column strip
   // is packed kSubBlock vocab rows at a time, each sub-block's sum added to C in order.
