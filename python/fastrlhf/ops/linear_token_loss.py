@@ -184,21 +184,16 @@ class _LinearTokenLoss(torch.autograd.Function):
             else:
                 torch.addmm(bias, h_c, weight.t(), out=logits)
             lp, ent, row_stats = torch.ops.fastrlhf.token_logprobs.default(logits, t_c, temperature)
-            shape = (rows.stop - r0, *inner)
-            logprobs[rows] = lp.view(shape)
-            entropy[rows] = ent.view(shape)
+            lp_c, ent_c = lp.view(rows.stop - r0, *inner), ent.view(rows.stop - r0, *inner)
+            logprobs[rows], entropy[rows] = lp_c, ent_c
             # loss_fn sees copies: an in-place edit of its inputs must not reach the backward kernel
-            lp_in, ent_in = lp.view(shape).clone(), ent.view(shape).clone()
-            if not grads_wanted:
+            lp_in = lp_c.clone().requires_grad_(grads_wanted)
+            ent_in = ent_c.clone().requires_grad_(grads_wanted)
+            with torch.set_grad_enabled(grads_wanted):
                 loss = loss_fn(lp_in, ent_in, rows)
                 _check_loss_value(loss)
-                losses.append(loss.detach())
-                continue
-            with torch.enable_grad():
-                lp_in.requires_grad_(), ent_in.requires_grad_()
-                loss = loss_fn(lp_in, ent_in, rows)
-                _check_loss_value(loss)
-                _check_no_other_leaves(loss, (lp_in, ent_in))
+                if grads_wanted:
+                    _check_no_other_leaves(loss, (lp_in, ent_in))
                 grad_lp, grad_ent = (
                     torch.autograd.grad(loss, (lp_in, ent_in), allow_unused=True)
                     if need_any and loss.requires_grad else (None, None)
