@@ -7,21 +7,25 @@ Inputs are validated here; errors name the argument and what was expected.
 """
 
 from fastrlhf.ops import reference
+from fastrlhf.ops._common import AggMode, Impl, KLEstimator
+from fastrlhf.ops.attention import attention, decode_attention
 from fastrlhf.ops.gae import GAE, GAEOutput, discounted_returns, gae
 from fastrlhf.ops.group_advantages import GroupAdvantages, group_advantages
-from fastrlhf.ops.td_targets import q_update, td_targets
-from fastrlhf.ops.whiten import Whiten, whiten
-from fastrlhf.ops.token_logprobs import TokenLogprobs, token_logprobs
+from fastrlhf.ops.kl_penalty import KLPenalty, kl_penalty
 from fastrlhf.ops.linear_token_logprobs import LinearTokenLogprobs, linear_token_logprobs
 from fastrlhf.ops.linear_token_loss import LinearTokenLossOutput, linear_token_loss
-from fastrlhf.ops.kl_penalty import KLPenalty, kl_penalty
-from fastrlhf.ops.policy_loss import PPOLoss, policy_loss
-from fastrlhf.ops.value_loss import ValueLoss, value_loss
+from fastrlhf.ops.policy_loss import PolicyLoss, PPOLoss, policy_loss
 from fastrlhf.ops.sample import SampleOutput, sample
-from fastrlhf.ops.attention import attention, decode_attention
+from fastrlhf.ops.td_targets import q_update, td_targets
+from fastrlhf.ops.token_logprobs import TokenLogprobs, token_logprobs
+from fastrlhf.ops.value_loss import ValueLoss, value_loss
+from fastrlhf.ops.whiten import Whiten, whiten
 
 __all__ = [
     "reference",
+    "Impl",
+    "AggMode",
+    "KLEstimator",
     "gae",
     "GAE",
     "GAEOutput",
@@ -41,6 +45,7 @@ __all__ = [
     "kl_penalty",
     "KLPenalty",
     "policy_loss",
+    "PolicyLoss",
     "PPOLoss",
     "value_loss",
     "ValueLoss",

@@ -49,8 +49,8 @@ import torch
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
-from fastrlhf.ops.reference._acc import acc_dtype
 from fastrlhf.ops._common import Impl, check_finite_scalar, check_tensor, use_kernel
+from fastrlhf.ops.reference._acc import acc_dtype
 
 _CUDA_KERNEL = True
 

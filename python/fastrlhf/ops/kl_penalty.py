@@ -8,33 +8,49 @@ Elementwise: any shape. Math in ``csrc/kernels/kl_penalty.h``.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import nn
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
-from fastrlhf.ops._common import Impl, check_like, check_tensor, common_float_dtype, use_kernel
+from fastrlhf.ops._common import (
+    KL_ESTIMATORS,
+    Impl,
+    KLEstimator,
+    check_choice,
+    check_like,
+    check_tensor,
+    common_float_dtype,
+    use_kernel,
+)
 
-KL_ESTIMATORS = {"k1": 0, "k2": 1, "k3": 2, "abs": 3}
-Estimator = Literal["k1", "k2", "k3", "abs"]
+Estimator = KLEstimator  # the earlier name
 
 
 def estimator_code(op: str, estimator: str, name: str = "estimator") -> int:
-    if estimator not in KL_ESTIMATORS:
-        raise ValueError(f"fastrlhf.ops.{op}: {name} must be one of {list(KL_ESTIMATORS)}, got {estimator!r}")
-    return KL_ESTIMATORS[estimator]
+    """A KL estimator name -> the kernels' code."""
+    return KL_ESTIMATORS[check_choice(op, name, estimator, KL_ESTIMATORS)]
 
 
 def kl_penalty(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     *,
-    estimator: Estimator = "k1",
+    estimator: KLEstimator = "k1",
     impl: Impl = "auto",
 ) -> torch.Tensor:
-    """``logprobs [...]``, ``ref_logprobs [...]`` -> per-token KL estimate ``[...]``."""
+    """Per-token KL estimate between the policy and a reference (see the module doc).
+
+    Args:
+        logprobs: ``[...]`` log-probs of the taken tokens under the policy.
+        ref_logprobs: ``[...]`` the same tokens under the reference policy.
+        estimator: ``k1`` (``d``), ``k2`` (``d^2 / 2``), ``k3`` (``exp(-d) + d - 1``, clamped as
+            verl), ``abs`` (``|d|``), with ``d = logprobs - ref_logprobs``.
+        impl: ``"auto"``, ``"kernel"`` or ``"reference"``.
+
+    Returns:
+        ``[...]`` in the promoted input dtype, differentiable w.r.t. both inputs.
+    """
     op = "kl_penalty"
     check_tensor(op, "logprobs", logprobs)
     check_tensor(op, "ref_logprobs", ref_logprobs)
@@ -48,9 +64,13 @@ def kl_penalty(
 
 
 class KLPenalty(nn.Module):
-    """Module face of :func:`kl_penalty`."""
+    """Module face of :func:`kl_penalty`.
 
-    def __init__(self, estimator: Estimator = "k1", impl: Impl = "auto"):
+    Args:
+        estimator, impl: as in :func:`kl_penalty`.
+    """
+
+    def __init__(self, estimator: KLEstimator = "k1", impl: Impl = "auto"):
         super().__init__()
         self.estimator, self.impl = estimator, impl
 

@@ -26,39 +26,8 @@ from torch import nn
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
+from fastrlhf.ops._common import Impl, check_chunk_size, check_lm_head, check_temperature, use_kernel
 from fastrlhf.ops.reference._acc import acc_dtype
-from fastrlhf.ops._common import Impl, check_index, check_like, check_tensor, use_kernel
-from fastrlhf.ops.token_logprobs import _check_temperature
-
-
-def check_lm_head(op: str, hidden, weight, tokens, bias) -> torch.Tensor:
-    """Validate ``hidden [..., H]``, ``weight [V, H]``, ``tokens [...]``, ``bias [V]`` (one device,
-    one dtype) -> tokens as int64."""
-    check_tensor(op, "hidden", hidden)
-    if hidden.dim() < 1:
-        raise ValueError(f"fastrlhf.ops.{op}: hidden must be [..., H], got {tuple(hidden.shape)}")
-    check_tensor(op, "weight", weight, ndim=2)
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"fastrlhf.ops.{op}: weight must be [V, H] with H = {hidden.shape[-1]}, got {tuple(weight.shape)}")
-    if weight.device != hidden.device:
-        raise ValueError(f"fastrlhf.ops.{op}: weight is on {weight.device} but hidden is on {hidden.device}")
-    if weight.dtype != hidden.dtype:
-        raise TypeError(f"fastrlhf.ops.{op}: weight dtype {weight.dtype} differs from hidden dtype {hidden.dtype}")
-    if bias is not None:
-        check_tensor(op, "bias", bias)
-        check_like(op, "bias", bias, "weight[:, 0]", weight, shape=weight.shape[:1])
-        if bias.dtype != hidden.dtype:
-            raise TypeError(f"fastrlhf.ops.{op}: bias dtype {bias.dtype} differs from hidden dtype {hidden.dtype}")
-    return check_index(op, "tokens", tokens, "hidden[..., 0]", hidden, shape=hidden.shape[:-1])
-
-
-def check_chunk_size(op: str, chunk_size: int | None, *, name: str = "chunk_size") -> int:
-    """A positive int, or None -> 0 (the implementation's default)."""
-    if chunk_size is None:
-        return 0
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"fastrlhf.ops.{op}: {name} must be a positive int, got {chunk_size!r}")
-    return chunk_size
 
 
 def linear_token_logprobs(
@@ -78,7 +47,7 @@ def linear_token_logprobs(
     ``token_logprobs(hidden @ weight.T + bias, tokens)``."""
     op = "linear_token_logprobs"
     tokens = check_lm_head(op, hidden, weight, tokens, bias)
-    temperature = _check_temperature(op, temperature)
+    temperature = check_temperature(op, temperature)
     chunk_size = check_chunk_size(op, chunk_size)
     if use_kernel(op, impl, hidden.device, hidden.dtype):
         lead, H = hidden.shape[:-1], hidden.shape[-1]
@@ -100,7 +69,8 @@ class LinearTokenLogprobs(nn.Module):
         super().__init__()
         lin = nn.Linear(hidden_size, vocab_size, bias=bias)
         self.weight, self.bias = lin.weight, lin.bias
-        self.temperature, self.return_entropy, self.chunk_size, self.impl = temperature, return_entropy, chunk_size, impl
+        self.temperature, self.return_entropy = temperature, return_entropy
+        self.chunk_size, self.impl = chunk_size, impl
 
     def forward(self, hidden: torch.Tensor, tokens: torch.Tensor):
         return linear_token_logprobs(hidden, self.weight, tokens, bias=self.bias, temperature=self.temperature,

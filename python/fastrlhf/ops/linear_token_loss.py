@@ -50,15 +50,14 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from fastrlhf.ops import reference
+from fastrlhf.ops._common import Impl, check_chunk_size, check_lm_head, check_temperature, use_kernel
 from fastrlhf.ops.reference._acc import acc_dtype
-from fastrlhf.ops._common import Impl, use_kernel
-from fastrlhf.ops.linear_token_logprobs import check_chunk_size, check_lm_head
-from fastrlhf.ops.token_logprobs import _check_temperature
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, slice], torch.Tensor]
 
@@ -102,7 +101,7 @@ def linear_token_loss(
     if not callable(loss_fn):
         raise TypeError(f"fastrlhf.ops.{op}: loss_fn must be callable (logprobs, entropy, rows) -> loss, "
                         f"got {type(loss_fn).__name__}")
-    temperature = _check_temperature(op, temperature)
+    temperature = check_temperature(op, temperature)
     chunk_rows = check_chunk_size(op, chunk_rows, name="chunk_rows")
     if not use_kernel(op, impl, hidden.device, hidden.dtype):
         loss, lp, ent = reference.linear_token_loss(hidden, weight, tokens, loss_fn, bias=bias,

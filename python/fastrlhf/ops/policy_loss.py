@@ -35,10 +35,22 @@ from torch import nn
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
-from fastrlhf.ops.reference._acc import acc_dtype
-from fastrlhf.ops._common import Impl, check_finite_scalar, check_tensor, common_float_dtype, forbid_grad, use_kernel
-from fastrlhf.ops._loss_common import agg_code, bt_mask, check_bt, positive_or_none
+from fastrlhf.ops._common import (
+    AggMode,
+    Impl,
+    KLEstimator,
+    agg_code,
+    bt_mask,
+    check_bt,
+    check_finite_scalar,
+    check_tensor,
+    common_float_dtype,
+    forbid_grad,
+    positive_or_none,
+    use_kernel,
+)
 from fastrlhf.ops.kl_penalty import estimator_code
+from fastrlhf.ops.reference._acc import acc_dtype
 
 STAT_NAMES = ("pg_loss", "kl", "entropy", "clipfrac", "clipfrac_low", "clipfrac_high", "dual_clipfrac",
               "approx_kl", "ratio_mean", "ratio_max")
@@ -55,16 +67,42 @@ def policy_loss(
     dual_clip: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
+    kl_estimator: KLEstimator = "k3",
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
-    agg: str = "token-mean",
+    agg: AggMode = "token-mean",
     normalizer: float | None = None,
     norm_length: float | None = None,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``logprobs, old_logprobs [B, T]``, ``advantages [B, T]`` (or ``[B]``, one per sequence),
-    ``mask [B, T]`` bool -> ``(loss [], stats)``."""
+    """The clipped policy-gradient loss of PPO / GRPO and its diagnostics (see the module doc).
+
+    Args:
+        logprobs: ``[B, T]`` log-probs of the taken tokens under the current policy (differentiable).
+        old_logprobs: ``[B, T]`` log-probs under the policy that sampled them (a constant).
+        advantages: ``[B, T]``, or ``[B]`` (one per sequence, broadcast over tokens).
+        mask: ``[B, T]`` bool (or 0/1), valid tokens. Default: all valid.
+        clip_low: PPO's epsilon: the ratio is clipped below at ``1 - clip_low`` (in [0, 1]).
+        clip_high: upper clip ``1 + clip_high`` (DAPO's clip-higher); None means ``clip_low``.
+        dual_clip: dual-clip PPO's ``c > 1``: for negative advantages the loss is capped at
+            ``-a c`` (None: off).
+        ref_logprobs: ``[B, T]`` reference-policy log-probs, needed when ``kl_coef != 0``.
+        kl_coef: weight of the KL-to-reference term inside the loss (GRPO's beta).
+        kl_estimator: the per-token KL estimate (see :func:`kl_penalty`).
+        entropy: ``[B, T]`` per-token entropies for the bonus (differentiable).
+        entropy_coef: weight of the entropy bonus (subtracted from the loss).
+        agg: how tokens become a scalar: ``token-mean``, ``seq-mean-token-mean`` (GRPO),
+            ``seq-mean-token-sum``, ``seq-mean-token-sum-norm`` (Dr. GRPO).
+        normalizer: the batch-wide count the sum is divided by (valid tokens for token-mean,
+            sequences for the seq-mean modes) when the batch is split into micro-batches or
+            ranks; None: this batch's own count.
+        norm_length: Dr. GRPO's constant length (default T).
+        impl: ``"auto"``, ``"kernel"`` or ``"reference"``.
+
+    Returns:
+        ``(loss [], stats)``: ``stats`` maps ``pg_loss, kl, entropy, clipfrac, clipfrac_low,
+        clipfrac_high, dual_clipfrac, approx_kl, ratio_mean, ratio_max`` to 0-dim tensors.
+    """
     op = "policy_loss"
     check_tensor(op, "logprobs", logprobs, ndim=2)
     check_bt(op, "old_logprobs", old_logprobs, "logprobs", logprobs)
@@ -111,15 +149,20 @@ def policy_loss(
     )
 
 
-class PPOLoss(nn.Module):
+class PolicyLoss(nn.Module):
     """Module face of :func:`policy_loss` holding the clip / KL / entropy / aggregation settings:
     ``forward(logprobs, old_logprobs, advantages, mask, ref_logprobs=None, entropy=None,
-    normalizer=None) -> (loss, stats)``. GRPO is ``PPOLoss(kl_coef=..., kl_estimator="k3",
-    agg="seq-mean-token-mean")`` fed group advantages."""
+    normalizer=None) -> (loss, stats)``. GRPO is ``PolicyLoss(kl_coef=..., kl_estimator="k3",
+    agg="seq-mean-token-mean")`` fed group advantages.
+
+    Args:
+        clip_low, clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef, agg, norm_length, impl:
+            as in :func:`policy_loss`.
+    """
 
     def __init__(self, clip_low: float = 0.2, clip_high: float | None = None, dual_clip: float | None = None,
-                 kl_coef: float = 0.0, kl_estimator: str = "k3", entropy_coef: float = 0.0,
-                 agg: str = "token-mean", norm_length: float | None = None, impl: Impl = "auto"):
+                 kl_coef: float = 0.0, kl_estimator: KLEstimator = "k3", entropy_coef: float = 0.0,
+                 agg: AggMode = "token-mean", norm_length: float | None = None, impl: Impl = "auto"):
         super().__init__()
         self.clip_low, self.clip_high, self.dual_clip = clip_low, clip_high, dual_clip
         self.kl_coef, self.kl_estimator, self.entropy_coef = kl_coef, kl_estimator, entropy_coef
@@ -137,6 +180,9 @@ class PPOLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"clip=({self.clip_low}, {self.clip_high}), dual_clip={self.dual_clip}, kl_coef={self.kl_coef}, "
                 f"kl_estimator={self.kl_estimator!r}, entropy_coef={self.entropy_coef}, agg={self.agg!r}")
+
+
+PPOLoss = PolicyLoss  # the earlier name, kept as an alias
 
 
 if _ext.extension_available():

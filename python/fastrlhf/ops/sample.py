@@ -85,7 +85,8 @@ def _param(name, value, B, device, validate):
                 for i in torch.nonzero(bad).flatten()[:1].tolist():
                     v = t[i].item()
                     ok = v == v and abs(v) != float("inf")
-                    raise ValueError(f"fastrlhf.ops.sample: {name}[{i}] = {v} {requirement if ok else 'must be finite'}")
+                    why = requirement if ok else "must be finite"
+                    raise ValueError(f"fastrlhf.ops.sample: {name}[{i}] = {v} {why}")
             return t, default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"fastrlhf.ops.sample: {name} must be a number or a [B] tensor, got {type(value).__name__}")
@@ -158,7 +159,8 @@ def sample(
     if validate and torch.isnan(logits).any():
         raise ValueError(f"fastrlhf.ops.{op}: logits contain NaN")
     kw = {name: (t if t is not None else v) for name, (t, v) in args.items()}
-    return SampleOutput(*reference.sample(logits, seed=seed, offset=offset, row_ids=row_ids, token_history=token_history,
+    return SampleOutput(*reference.sample(logits, seed=seed, offset=offset, row_ids=row_ids,
+                                          token_history=token_history,
                                           **kw))
 
 

@@ -8,7 +8,8 @@ Math in ``csrc/kernels/token_logprobs.h``.
 Semantics: ``x = logits / temperature``; ``logprob = x[token] - logsumexp(x)``;
 ``entropy = -sum softmax(x) * log_softmax(x)`` (0 log 0 = 0, so ``-inf`` logits are fine).
 Outputs are fp32 (fp64 for fp64 logits) whatever the logits dtype. A row of all ``-inf`` or
-with a NaN gives NaN. Token ids outside ``[0, V)`` raise (CPU) or trip a device-side check (CUDA: a CUDA error at the next synchronization, like torch.gather).
+with a NaN gives NaN. Token ids outside ``[0, V)`` raise (CPU) or trip a device-side check (CUDA: a
+CUDA error at the next synchronization, like torch.gather).
 """
 
 from __future__ import annotations
@@ -18,15 +19,8 @@ from torch import nn
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
+from fastrlhf.ops._common import Impl, check_index, check_temperature, check_tensor, use_kernel
 from fastrlhf.ops.reference._acc import acc_dtype
-from fastrlhf.ops._common import Impl, check_finite_scalar, check_index, check_tensor, use_kernel
-
-
-def _check_temperature(op: str, temperature: float) -> float:
-    temperature = check_finite_scalar(op, "temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"fastrlhf.ops.{op}: temperature must be > 0, got {temperature}")
-    return temperature
 
 
 def token_logprobs(
@@ -47,7 +41,7 @@ def token_logprobs(
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(f"fastrlhf.ops.{op}: logits must be [..., V] with V >= 1, got {tuple(logits.shape)}")
     tokens = check_index(op, "tokens", tokens, "logits[..., 0]", logits, shape=logits.shape[:-1])
-    temperature = _check_temperature(op, temperature)
+    temperature = check_temperature(op, temperature)
     if use_kernel(op, impl, logits.device, logits.dtype):
         lead, V = logits.shape[:-1], logits.shape[-1]
         lp, ent, _ = torch.ops.fastrlhf.token_logprobs.default(logits.reshape(-1, V), tokens.reshape(-1), temperature)

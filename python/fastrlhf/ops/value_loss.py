@@ -18,9 +18,20 @@ from torch import nn
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
+from fastrlhf.ops._common import (
+    AggMode,
+    Impl,
+    agg_code,
+    bt_mask,
+    check_bt,
+    check_finite_scalar,
+    check_tensor,
+    common_float_dtype,
+    forbid_grad,
+    positive_or_none,
+    use_kernel,
+)
 from fastrlhf.ops.reference._acc import acc_dtype
-from fastrlhf.ops._common import Impl, check_finite_scalar, check_tensor, common_float_dtype, forbid_grad, use_kernel
-from fastrlhf.ops._loss_common import agg_code, bt_mask, check_bt, positive_or_none
 
 STAT_NAMES = ("clipfrac", "explained_variance", "value_mean", "return_mean")
 
@@ -32,12 +43,28 @@ def value_loss(
     mask: torch.Tensor | None = None,
     *,
     clip: float | None = 0.2,
-    agg: str = "token-mean",
+    agg: AggMode = "token-mean",
     normalizer: float | None = None,
     norm_length: float | None = None,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``values, old_values, returns [B, T]``, ``mask [B, T]`` -> ``(loss [], stats)``."""
+    """PPO's clipped value loss and its diagnostics (see the module doc).
+
+    Args:
+        values: ``[B, T]`` current value predictions (differentiable).
+        old_values: ``[B, T]`` predictions at rollout time (the clip's centre; a constant).
+        returns: ``[B, T]`` value targets (e.g. ``ops.gae``'s returns; a constant).
+        mask: ``[B, T]`` bool (or 0/1), valid tokens. Default: all valid.
+        clip: half-width of the clip around ``old_values``; None: plain ``0.5 (v - R)^2``.
+        agg: aggregation over tokens, as in :func:`policy_loss`.
+        normalizer: the batch-wide count (gradient accumulation / data parallelism), as in
+            :func:`policy_loss`.
+        norm_length: Dr. GRPO's constant length (``seq-mean-token-sum-norm``).
+        impl: ``"auto"``, ``"kernel"`` or ``"reference"``.
+
+    Returns:
+        ``(loss [], stats)`` with ``clipfrac``, ``explained_variance``, ``value_mean``, ``return_mean``.
+    """
     op = "value_loss"
     check_tensor(op, "values", values, ndim=2)
     check_bt(op, "old_values", old_values, "values", values)
@@ -63,9 +90,13 @@ def value_loss(
 
 
 class ValueLoss(nn.Module):
-    """Module face of :func:`value_loss`."""
+    """Module face of :func:`value_loss`.
 
-    def __init__(self, clip: float | None = 0.2, agg: str = "token-mean", norm_length: float | None = None,
+    Args:
+        clip, agg, norm_length, impl: as in :func:`value_loss`.
+    """
+
+    def __init__(self, clip: float | None = 0.2, agg: AggMode = "token-mean", norm_length: float | None = None,
                  impl: Impl = "auto"):
         super().__init__()
         self.clip, self.agg, self.norm_length, self.impl = clip, agg, norm_length, impl

@@ -14,8 +14,8 @@ from torch import nn
 
 from fastrlhf import _ext
 from fastrlhf.ops import reference
-from fastrlhf.ops.reference._acc import acc_dtype
 from fastrlhf.ops._common import Impl, as_bool_mask, check_finite_scalar, check_tensor, use_kernel
+from fastrlhf.ops.reference._acc import acc_dtype
 
 
 def whiten(

@@ -7,9 +7,9 @@ They favour clarity over speed (loops where the math is a recurrence) and accumu
 from fastrlhf.ops.reference.attention import attention, decode_attention
 from fastrlhf.ops.reference.gae import discounted_returns, gae
 from fastrlhf.ops.reference.group_advantages import group_advantages
+from fastrlhf.ops.reference.losses import kl_penalty, policy_loss, value_loss
 from fastrlhf.ops.reference.sample import processed_distribution, sample
 from fastrlhf.ops.reference.td_targets import q_update, td_targets
-from fastrlhf.ops.reference.losses import kl_penalty, policy_loss, value_loss
 from fastrlhf.ops.reference.token_logprobs import linear_token_logprobs, linear_token_loss, token_logprobs
 from fastrlhf.ops.reference.whiten import whiten
 

@@ -7,8 +7,6 @@ import torch
 
 from fastrlhf.ops.reference._acc import acc_dtype
 
-AGG_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm")
-
 
 def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1") -> torch.Tensor:
     d = logprobs - ref_logprobs

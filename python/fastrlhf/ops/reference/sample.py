@@ -39,7 +39,8 @@ def processed_distribution(
         seen = counts > 0
         rp = _rows(repetition_penalty, B, f64, dev)[:, None]
         x = torch.where(seen, torch.where(x < 0, x * rp, x / rp), x)
-        x = x - _rows(presence_penalty, B, f64, dev)[:, None] * seen - _rows(frequency_penalty, B, f64, dev)[:, None] * counts
+        x = x - _rows(presence_penalty, B, f64, dev)[:, None] * seen
+        x = x - _rows(frequency_penalty, B, f64, dev)[:, None] * counts
     q = torch.empty(B, V, dtype=f64, device=dev)
     for b in range(B):
         if T[b] <= 0 or k[b] == 1:  # greedy: the first argmax
