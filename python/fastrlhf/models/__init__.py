@@ -2,14 +2,17 @@
 KV-cache decode through ``ops.decode_attention``), value / reward heads, LoRA adapters,
 Hugging Face import/export and tokenizers. Checkpoints are safetensors + config.json."""
 
-from fastrlhf.models.llama import CausalLM, CausalLMConfig, KVCache, LlamaTrunk, RMSNorm
+from fastrlhf.models.cache import KVCache
+from fastrlhf.models.config import MODEL_TYPES, CausalLMConfig
 from fastrlhf.models.heads import PolicyWithValue, RewardModel, ValueHead, ValueModel, last_token_index
+from fastrlhf.models.llama import CausalLM, LlamaTrunk, RMSNorm
 from fastrlhf.models.lora import LoRALinear, apply_lora, load_lora, merge_lora, merged_state_dict, save_lora
 from fastrlhf.models.tokenizer import Tokenizer
 
 __all__ = [
     "CausalLM",
     "CausalLMConfig",
+    "MODEL_TYPES",
     "KVCache",
     "LlamaTrunk",
     "RMSNorm",

@@ -1,6 +1,10 @@
 """Checkpoint directories: ``config.json`` (Hugging Face keys) + ``model.safetensors`` (or a sharded
 ``model.safetensors.index.json``). Never pickle. A directory written here loads in transformers,
 and a transformers Llama / Mistral / Qwen2 directory loads here.
+
+This module knows directories and state dicts, not model internals: a module that holds
+non-persistent buffers or tied weights re-creates them in its own ``post_load()`` hook, which
+:func:`build_and_load` calls after assigning the loaded tensors.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from pathlib import Path
 
 import torch
 
+from fastrlhf.models.config import config_from_hf_dict, config_to_hf_dict
+from fastrlhf.models.lora import merged_state_dict
+
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 WEIGHTS = "model.safetensors"
@@ -17,25 +24,42 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 _IGNORED_KEYS = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry
 
 
+def read_json(path: Path, what: str) -> dict:
+    """A JSON file -> dict, with errors that name the file."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"fastrlhf: {path} is not valid JSON ({what}): {e}") from None
+
+
 def read_config(path) -> dict:
+    """``path/config.json`` -> dict."""
     path = Path(path)
     if not (path / CONFIG).exists():
         raise FileNotFoundError(f"fastrlhf: {path / CONFIG} not found (expected a checkpoint directory)")
-    return json.loads((path / CONFIG).read_text())
+    return read_json(path / CONFIG, "a model config")
+
+
+def _load_file(file: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(f"fastrlhf: cannot read {file} ({e}); the file is truncated or not safetensors") from None
 
 
 def read_safetensors(path) -> dict[str, torch.Tensor]:
     """All tensors of a checkpoint directory (single file or sharded)."""
-    from safetensors.torch import load_file
-
     path = Path(path)
     if (path / WEIGHTS).exists():
-        return load_file(str(path / WEIGHTS))
+        return _load_file(path / WEIGHTS)
     if (path / WEIGHTS_INDEX).exists():
-        index = json.loads((path / WEIGHTS_INDEX).read_text())
+        index = read_json(path / WEIGHTS_INDEX, "a sharded checkpoint's index")
         out = {}
         for shard in sorted(set(index["weight_map"].values())):
-            out.update(load_file(str(path / shard)))
+            out.update(_load_file(path / shard))
         return out
     if list(path.glob("*.bin")) or list(path.glob("*.pt")):
         raise ValueError(f"fastrlhf: {path} holds only pickle weights (.bin/.pt); fastrlhf reads safetensors only. "
@@ -44,28 +68,32 @@ def read_safetensors(path) -> dict[str, torch.Tensor]:
 
 
 def write_safetensors(path, tensors: dict[str, torch.Tensor], *, metadata: dict | None = None) -> None:
+    """Write ``tensors`` (detached, contiguous, on the CPU) to the file ``path``."""
     from safetensors.torch import save_file
 
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path),
               metadata={"format": "pt", **(metadata or {})})
 
 
+def tied_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict names of parameters that alias another one (e.g. a tied LM head): safetensors
+    stores no aliases, so these are neither saved nor expected on load."""
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    return every - {name for name, _ in model.named_parameters()}
+
+
 def build_and_load(cls, config, state_dict: dict, *, dtype=None, device=None, strict: bool = True, copy: bool = False,
                    **kwargs):
     """``cls(config, **kwargs)`` built without initializing weights (meta device), then given the
     tensors of ``state_dict`` (cast to ``dtype``, moved to ``device``; ``copy=True``: never the
-    caller's own storage, e.g. when the tensors belong to another live model)."""
-    from fastrlhf.models.llama import rope_inv_freq
-
+    caller's own storage, e.g. when the tensors belong to another live model). Every submodule's
+    ``post_load()`` then re-creates its non-persistent buffers and ties."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     with torch.device("meta"):
         model = cls(config, **kwargs)
-    sd = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_KEYS)}
-    tied = getattr(config, "tie_word_embeddings", False)
-    expected = set(model.state_dict().keys())
-    if tied:
-        sd.pop("lm_head.weight", None)
-        expected.discard("lm_head.weight")
+    tied = tied_keys(model)
+    sd = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_KEYS) and k not in tied}
+    expected = set(model.state_dict().keys()) - tied
     missing, unexpected = sorted(expected - sd.keys()), sorted(sd.keys() - expected)
     if strict and (missing or unexpected):
         raise ValueError(f"fastrlhf: checkpoint does not match {cls.__name__}: missing {missing[:6]}, "
@@ -73,12 +101,9 @@ def build_and_load(cls, config, state_dict: dict, *, dtype=None, device=None, st
     params = {k: v.to(device=device, dtype=dtype if (dtype and v.is_floating_point()) else v.dtype, copy=copy)
               for k, v in sd.items() if k in expected}
     model.load_state_dict(params, strict=False, assign=True)
-    if tied:
-        model.lm_head.weight = model.model.embed_tokens.weight
-    for name, buf in list(model.named_buffers()):  # non-persistent buffers: recompute
-        if buf.is_meta and name.endswith("inv_freq"):
-            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
-            owner.inv_freq = rope_inv_freq(config).to(device)
+    for module in model.modules():
+        if hasattr(module, "post_load"):
+            module.post_load()
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if leftover:
         raise ValueError(f"fastrlhf: checkpoint leaves {leftover[:6]} uninitialized")
@@ -89,14 +114,11 @@ def save_checkpoint(model, path, *, dtype=None, config_updates: dict | None = No
     """``model`` (a CausalLM or a value / reward model: ``.config`` and HF parameter names) to
     directory ``path``: merged weights (LoRA adapters folded in), config.json with
     ``config_updates`` applied, and generation_config.json when the model has one."""
-    from fastrlhf.models.hf import config_to_hf_dict
-    from fastrlhf.models.lora import merged_state_dict
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     sd = merged_state_dict(model)
-    if model.config.tie_word_embeddings:
-        sd.pop("lm_head.weight", None)  # shared with model.embed_tokens.weight (safetensors stores no aliases)
+    for key in tied_keys(model):
+        sd.pop(key, None)  # shared with another parameter (safetensors stores no aliases)
     if dtype is not None:
         sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
     write_safetensors(path / WEIGHTS, sd)
@@ -110,12 +132,10 @@ def save_checkpoint(model, path, *, dtype=None, config_updates: dict | None = No
 def load_checkpoint(cls, path, *, dtype=None, device=None, check_config=None, **config_overrides):
     """``cls`` from directory ``path`` (ours or transformers'): ``check_config(config.json dict)``
     may reject it; ``config_overrides`` are set on the CausalLMConfig before building."""
-    from fastrlhf.models.hf import config_from_hf_dict
-
     d = read_config(path)
     if check_config is not None:
         check_config(d)
-    config = config_from_hf_dict(d)
+    config = config_from_hf_dict(d, source=str(Path(path) / CONFIG))
     for key, value in config_overrides.items():
         setattr(config, key, value)
     sd = read_safetensors(path)
@@ -124,5 +144,5 @@ def load_checkpoint(cls, path, *, dtype=None, device=None, check_config=None, **
     model = build_and_load(cls, config, sd, dtype=dtype, device=device)
     gen = Path(path) / GENERATION_CONFIG
     if gen.exists():  # sampling defaults, e.g. the chat end tokens of instruct models (generate reads them)
-        model.generation_config = json.loads(gen.read_text())
+        model.generation_config = read_json(gen, "a generation config")
     return model

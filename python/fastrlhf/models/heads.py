@@ -16,7 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from fastrlhf.models.llama import CausalLM, CausalLMConfig, LlamaTrunk
+from fastrlhf.models.checkpoint import load_checkpoint, save_checkpoint, write_safetensors
+from fastrlhf.models.config import CausalLMConfig, hf_architecture
+from fastrlhf.models.llama import CausalLM, LlamaTrunk
+from fastrlhf.models.lora import merged_state_dict
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -58,10 +61,8 @@ class ValueModel(nn.Module):
                     nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_causal_lm(cls, lm: CausalLM) -> "ValueModel":
+    def from_causal_lm(cls, lm: CausalLM) -> ValueModel:
         """Start from a language model's trunk (the usual critic / reward-model init); new head."""
-        from fastrlhf.models.lora import merged_state_dict
-
         out = cls(lm.config).to(device=lm.device, dtype=lm.dtype)
         trunk = {k[len("model."):]: v for k, v in merged_state_dict(lm).items() if k.startswith("model.")}
         out.model.load_state_dict(trunk)  # LoRA adapters of lm, if any, merged in
@@ -80,19 +81,15 @@ class ValueModel(nn.Module):
         return self.score(hidden).squeeze(-1).float()  # (B, T)
 
     def save_pretrained(self, path, *, dtype=None) -> None:
-        from fastrlhf.models.checkpoint import save_checkpoint
-
-        prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[self.config.model_type]
         save_checkpoint(self, path, dtype=dtype, config_updates=dict(
-            architectures=[prefix + self.architecture], num_labels=1, tie_word_embeddings=False,
+            architectures=[hf_architecture(self.config.model_type, self.architecture)], num_labels=1,
+            tie_word_embeddings=False,
             token_classification_bias=False))  # our score head has no bias
 
     @classmethod
     def from_pretrained(cls, path, *, dtype=None, device=None):
         """Load a directory written by ``save_pretrained`` (or a Hugging Face
         ``*ForSequenceClassification`` checkpoint with one label)."""
-        from fastrlhf.models.checkpoint import load_checkpoint
-
         def single_score(d):
             if d.get("num_labels", len(d.get("id2label", {0: 0}))) != 1:
                 raise ValueError(f"{cls.__name__}.from_pretrained: expected a single-score head (num_labels = 1)")
@@ -145,8 +142,6 @@ class PolicyWithValue(nn.Module):
 
     def save_pretrained(self, path) -> None:
         """``path/`` the policy; ``path/value_head.safetensors`` or ``path/value/`` the critic."""
-        from fastrlhf.models.checkpoint import write_safetensors
-
         path = Path(path)
         self.policy.save_pretrained(path)
         if self.value_head is not None:
@@ -155,7 +150,7 @@ class PolicyWithValue(nn.Module):
             self.value_model.save_pretrained(path / "value")
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype=None, device=None) -> "PolicyWithValue":
+    def from_pretrained(cls, path, *, dtype=None, device=None) -> PolicyWithValue:
         from safetensors.torch import load_file
 
         path = Path(path)
@@ -170,6 +165,6 @@ class PolicyWithValue(nn.Module):
         return out
 
     @classmethod
-    def with_separate_critic(cls, policy: CausalLM) -> "PolicyWithValue":
+    def with_separate_critic(cls, policy: CausalLM) -> PolicyWithValue:
         """A critic initialized from a copy of the policy's trunk (OpenRLHF / TRL's default)."""
         return cls(policy, ValueModel.from_causal_lm(policy))

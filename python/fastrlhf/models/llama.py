@@ -13,6 +13,10 @@ Three ways to call :meth:`CausalLM.forward`:
   padding costs nothing);
 * with a ``cache``: the new tokens of each row, appended to the cache (prefill or decode).
 
+The architecture is :class:`~fastrlhf.models.config.CausalLMConfig`; how a call runs attention
+(padded / packed / prefill / decode) is decided once per call in ``models/_layout.py``; the CPU
+decode fast path (``linear``, packed q/k/v and gate/up weights) lives in ``models/_decode.py``.
+
 Shapes: B batch, T time, C hidden size, H / Hkv query / key-value heads, D head dim, V vocab.
 """
 
@@ -20,7 +24,6 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -28,77 +31,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from fastrlhf import ops
+from fastrlhf.models import checkpoint as ckpt
+from fastrlhf.models._decode import decode_sized, linear, packed_decode_weights
+from fastrlhf.models._layout import AttnLayout, attention_layout
+from fastrlhf.models.cache import KVCache
+from fastrlhf.models.config import CausalLMConfig
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-@dataclass
-class CausalLMConfig:
-    """Architecture of a :class:`CausalLM`. Field names follow Hugging Face's ``LlamaConfig``."""
-
-    vocab_size: int = 32000
-    hidden_size: int = 512
-    intermediate_size: int = 1376
-    num_hidden_layers: int = 8
-    num_attention_heads: int = 8
-    num_key_value_heads: int | None = None  # None: = num_attention_heads (no GQA)
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads
-    max_position_embeddings: int = 2048
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # None (plain RoPE) or {"rope_type": "llama3", "factor", ...}
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # bias on q, k, v and o projections (Llama's flag)
-    qkv_bias: bool = False  # bias on q, k, v only (Qwen2)
-    mlp_bias: bool = False
-    initializer_range: float = 0.02
-    model_type: str = "llama"  # the Hugging Face architecture written by save_pretrained / to_hf
-    bos_token_id: int | None = None
-    eos_token_id: int | list[int] | None = None
-    pad_token_id: int | None = None
-    extra: dict = field(default_factory=dict)  # other config.json keys, kept for the round trip
-
-    def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ValueError(f"CausalLMConfig: hidden_size {self.hidden_size} is not a multiple of "
-                                 f"num_attention_heads {self.num_attention_heads}; set head_dim explicitly")
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"CausalLMConfig: {name} must be >= 1, got {getattr(self, name)}")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"CausalLMConfig: num_attention_heads {self.num_attention_heads} must be a multiple of "
-                             f"num_key_value_heads {self.num_key_value_heads}")
-        if self.head_dim % 2 or self.head_dim > 256:
-            raise ValueError(f"CausalLMConfig: head_dim must be even and <= 256, got {self.head_dim}")
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"CausalLMConfig: model_type must be one of {MODEL_TYPES}, got {self.model_type!r}")
-        if self.rope_scaling is not None:
-            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
-            if kind not in ("default", "llama3"):
-                raise ValueError(f"CausalLMConfig: rope_scaling type {kind!r} is not supported (default, llama3)")
-            need = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-            if kind == "llama3" and not need <= set(self.rope_scaling):
-                raise ValueError(f"CausalLMConfig: llama3 rope_scaling needs {sorted(need)}, got {sorted(self.rope_scaling)}")
-
-    @property
-    def num_parameters_estimate(self) -> int:
-        C, I, L, V = self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size
-        attn = C * self.head_dim * (self.num_attention_heads * 2 + self.num_key_value_heads * 2)
-        per_layer = attn + 3 * C * I + 2 * C
-        return V * C * (1 if self.tie_word_embeddings else 2) + L * per_layer + C
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "CausalLMConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+__all__ = ["CausalLM", "CausalLMConfig", "KVCache", "LlamaTrunk", "RMSNorm", "rope_inv_freq"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,39 +60,6 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self):
         return f"{self.weight.shape[0]}, eps={self.eps}"
-
-
-DECODE_ROWS = 64  # at most this many rows: a decode-sized matmul (linear(), packed decode weights)
-
-
-def decode_sized(x: torch.Tensor) -> bool:
-    return x.numel() <= DECODE_ROWS * x.shape[-1]
-
-
-def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``layer(x)``. For a plain fp32 ``nn.Linear`` on the CPU with decode-sized ``x``, it
-    computes ``(W @ x^T)^T`` instead: MKL's sgemm is much faster with the large dimension first
-    (1.7x on the decode step of bench/generate.py on 2 cores). Same math; only rounding differs."""
-    if type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype == torch.float32 and decode_sized(x):
-        y = (layer.weight @ x.reshape(-1, x.shape[-1]).t()).t()  # (rows, out), a transposed view
-        if layer.bias is not None:
-            y = y + layer.bias
-        return y.reshape(*x.shape[:-1], y.shape[-1])
-    return layer(x)
-
-
-def pack_linears(*layers: nn.Module) -> nn.Linear | None:
-    """One ``nn.Linear`` whose output is the concatenation of ``layers``' outputs (a copy of their
-    weights, no grad), or None when any of them is not a plain ``nn.Linear`` (e.g. LoRA)."""
-    if not all(type(m) is nn.Linear for m in layers):
-        return None
-    w = torch.cat([m.weight.detach() for m in layers])
-    # built on the meta device: nn.Linear's random init of a weight replaced right away cost ~2 ms a layer
-    packed = nn.Linear(w.shape[1], w.shape[0], bias=layers[0].bias is not None, device="meta", dtype=w.dtype)
-    packed.weight = nn.Parameter(w, requires_grad=False)
-    if packed.bias is not None:
-        packed.bias = nn.Parameter(torch.cat([m.bias.detach() for m in layers]), requires_grad=False)
-    return packed
 
 
 def rope_inv_freq(config: CausalLMConfig) -> torch.Tensor:
@@ -185,68 +91,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-class KVCache:
-    """Preallocated keys and values of every layer, ``[B, Hkv, max_length, D]`` each, and the
-    number of valid positions per row ``lengths [B]`` (int64). Rows are stored unpadded from
-    position 0 (no left padding inside the cache), so ``decode_attention`` reads exactly
-    ``lengths[b]`` keys for row b."""
-
-    def __init__(self, config: CausalLMConfig, batch_size: int, max_length: int, *, dtype=torch.float32,
-                 device=None):
-        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.lengths = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.max_length = max_length
-
-    @property
-    def batch_size(self) -> int:
-        return self.lengths.shape[0]
-
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only ``rows`` (an index tensor), in that order: finished rows stop costing compute.
-
-        Increasing ``rows`` (what generation passes: the rows still running) compact the cache in
-        place: only the rows that move are copied, and only their first ``max(lengths)``
-        positions; the cache becomes a view of the first ``len(rows)`` rows of its storage (no
-        new allocation). Other orders gather into new tensors."""
-        rows = rows.to(self.lengths.device)
-        n = rows.numel()
-        lengths = self.lengths.index_select(0, rows)
-        if n > 1 and not bool((rows[1:] > rows[:-1]).all()):
-            self.k = [k.index_select(0, rows) for k in self.k]
-            self.v = [v.index_select(0, rows) for v in self.v]
-        else:
-            # row i moves from rows[i] >= i: a gather of the moved rows, then a write to [0, n)
-            moved = (rows != torch.arange(n, device=rows.device)).nonzero().squeeze(1)
-            used = int(lengths.max()) if n else 0
-            if moved.numel() and used:
-                src = rows.index_select(0, moved)
-                for t in self.k + self.v:
-                    t[moved, :, :used] = t[src, :, :used]
-            self.k = [k[:n] for k in self.k]
-            self.v = [v[:n] for v in self.v]
-        self.lengths = lengths
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-
-@dataclass
-class _AttnLayout:
-    """How every layer of one forward call runs attention (built once per call)."""
-
-    mode: str  # "padded" | "varlen" | "prefill" | "decode"
-    key_start: torch.Tensor | None = None  # [B] padded: first valid key (left padding)
-    key_lengths: torch.Tensor | None = None  # [B] padded / prefill: end of valid keys
-    cu_seqlens: torch.Tensor | None = None  # [S + 1] varlen
-    max_seqlen: int | None = None
-    cache: KVCache | None = None
-    write_pos: torch.Tensor | None = None  # [B, Tn] decode: cache positions of the new tokens
-    new_lengths: torch.Tensor | None = None  # [B] cache lengths after this call
-    validate: bool = True  # check cu_seqlens in the first layer only
-
-
 class Attention(nn.Module):
     def __init__(self, config: CausalLMConfig, layer_idx: int):
         super().__init__()
@@ -260,7 +104,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_head * D, C, bias=config.attention_bias)
         self.packed_qkv: nn.Linear | None = None  # set by CausalLM.decode_weights() for the decode steps
 
-    def forward(self, x, cos, sin, layout: _AttnLayout):
+    def forward(self, x, cos, sin, layout: AttnLayout):
         D, H, Hkv = self.head_dim, self.n_head, self.n_kv_head
         if layout.mode == "varlen":
             N = x.shape[0]  # x (N, C), cos/sin (N, D)
@@ -327,27 +171,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, layout: _AttnLayout):
+    def forward(self, x, cos, sin, layout: AttnLayout):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, layout)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 # ---------------------------------------------------------------------------------------------
 # the model
-
-
-def _mask_bounds(attention_mask: torch.Tensor, check: bool):
-    """attention_mask ``[B, T]`` (one contiguous block of ones per row) -> (key_start, key_end) ``[B]``."""
-    m = attention_mask.to(torch.bool)
-    T = m.shape[1]
-    start = m.to(torch.int8).argmax(1)  # first one (0 for an all-zero row)
-    end = T - m.flip(1).to(torch.int8).argmax(1)  # one past the last one
-    if check and not torch.compiler.is_compiling():
-        count = m.sum(1)
-        if bool(((end - start != count) & (count > 0)).any()):
-            raise ValueError("CausalLM: attention_mask must hold one contiguous block of ones per row (left and/or "
-                             "right padding); pack sequences with cu_seqlens instead")
-    return start, end
 
 
 class LlamaTrunk(nn.Module):
@@ -376,8 +206,17 @@ class LlamaTrunk(nn.Module):
           ``cache.lengths``. With an ``attention_mask [B, Tn]`` (right padding only) the cache
           must be empty (prefill) and ``cache.lengths`` becomes the mask's row sums; without one
           all Tn tokens of every row are valid (decode, ``Tn`` small).
+
+        Args:
+            input_ids: token ids, ``[B, T]`` int (``[N]`` with ``cu_seqlens``), each in ``[0, vocab_size)``.
+            attention_mask: ``[B, T]``, 1 on valid tokens (one contiguous block per row).
+            position_ids: RoPE positions; default as above.
+            cu_seqlens: ``[S + 1]`` sequence boundaries of packed input.
+            cache: a :class:`KVCache` to append to (generation).
         """
-        layout, positions = self._layout(input_ids, attention_mask, position_ids, cu_seqlens, cache)
+        check_input_ids(input_ids, self.config.vocab_size, check_range=cache is None or attention_mask is not None)
+        layout, positions = attention_layout(input_ids, attention_mask, position_ids, cu_seqlens, cache,
+                                             max_positions=self.config.max_position_embeddings)
         x = self.embed_tokens(input_ids)  # (B, T, C) or (N, C)
         cos, sin = rope_cos_sin(self.inv_freq, positions, x.dtype)  # (B, T, D) or (N, D)
         if layout.mode != "varlen":
@@ -392,52 +231,26 @@ class LlamaTrunk(nn.Module):
             cache.lengths = layout.new_lengths
         return self.norm(x)  # (B, T, C) or (N, C)
 
-    def _layout(self, input_ids, attention_mask, position_ids, cu_seqlens, cache):
-        dev = input_ids.device
-        if cu_seqlens is not None:
-            if input_ids.dim() != 1 or attention_mask is not None or cache is not None:
-                raise ValueError("LlamaTrunk: packed input takes input_ids [N] with cu_seqlens and no "
-                                 "attention_mask / cache")
-            cu = cu_seqlens.to(device=dev, dtype=torch.long)
-            lengths = cu[1:] - cu[:-1]
-            if position_ids is None:  # restart at 0 in every sequence
-                seq_of_token = torch.repeat_interleave(torch.arange(lengths.numel(), device=dev), lengths,
-                                                       output_size=input_ids.shape[0])
-                position_ids = torch.arange(input_ids.shape[0], device=dev) - cu[seq_of_token]
-            max_len = int(lengths.max()) if lengths.numel() and not torch.compiler.is_compiling() else None
-            return _AttnLayout("varlen", cu_seqlens=cu, max_seqlen=max_len), position_ids
-        if input_ids.dim() != 2:
-            raise ValueError(f"LlamaTrunk: input_ids must be [B, T] (or [N] with cu_seqlens), got {tuple(input_ids.shape)}")
-        B, T = input_ids.shape
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, T):
-            raise ValueError(f"LlamaTrunk: attention_mask must be [B, T] = [{B}, {T}], got {tuple(attention_mask.shape)}")
-        if cache is None:
-            if attention_mask is None:
-                pos = torch.arange(T, device=dev).expand(B, T) if position_ids is None else position_ids
-                return _AttnLayout("padded"), pos
-            start, end = _mask_bounds(attention_mask, check=True)
-            if position_ids is None:
-                position_ids = (attention_mask.long().cumsum(1) - 1).clamp(min=0)
-            return _AttnLayout("padded", key_start=start, key_lengths=end), position_ids
-        if cache.batch_size != B:
-            raise ValueError(f"LlamaTrunk: cache holds {cache.batch_size} rows, input_ids {B}")
-        if attention_mask is not None:  # prefill of right-padded prompts into an empty cache
-            start, end = _mask_bounds(attention_mask, check=True)
-            if bool(((start != 0) & (end > 0)).any()) or bool((cache.lengths != 0).any()):
-                raise ValueError("LlamaTrunk: with a cache, attention_mask is for prefilling right-padded prompts into "
-                                 "an empty cache (generation right-aligns left-padded prompts itself)")
-            if T > cache.max_length:
-                raise ValueError(f"LlamaTrunk: {T} prompt positions exceed the cache length {cache.max_length}")
-            pos = torch.arange(T, device=dev).expand(B, T) if position_ids is None else position_ids
-            lens = attention_mask.long().sum(1)
-            return _AttnLayout("prefill", key_lengths=lens, cache=cache, new_lengths=lens), pos
-        write_pos = cache.lengths[:, None] + torch.arange(T, device=dev)  # (B, T)
-        new_lengths = cache.lengths + T
-        if not torch.compiler.is_compiling() and int(new_lengths.max()) > cache.max_length:
-            raise ValueError(f"LlamaTrunk: the cache is full (max_length {cache.max_length})")
-        pos = write_pos if position_ids is None else position_ids
-        return _AttnLayout("decode", cache=cache, write_pos=write_pos, new_lengths=new_lengths), pos
+    def post_load(self) -> None:
+        """Re-create the non-persistent RoPE buffer after a meta-device build + load (checkpoints)."""
+        self.inv_freq = rope_inv_freq(self.config).to(self.embed_tokens.weight.device)
 
+
+def check_input_ids(input_ids, vocab_size: int, *, check_range: bool = True) -> None:
+    """Refuse what is not an integer tensor of token ids in ``[0, vocab_size)`` (ids out of range
+    would fail deep inside the embedding with a bare IndexError). ``check_range=False`` skips the
+    value check (decode steps feed the sampler's own tokens; the check would sync a GPU)."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"CausalLM: input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__} "
+                        "(use torch.tensor(ids) or the tokenizer's output)")
+    if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+        raise TypeError(f"CausalLM: input_ids must be an integer tensor, got {input_ids.dtype}")
+    if check_range and input_ids.numel() and not torch.compiler.is_compiling():
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab_size:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"CausalLM: input_ids hold token id {bad}, outside the vocabulary [0, {vocab_size}) "
+                             "(a tokenizer for another model, or an unset pad id?)")
 
 
 class CausalLM(nn.Module):
@@ -495,19 +308,16 @@ class CausalLM(nn.Module):
         weights (fewer, larger matmuls; one rotation for q and k). The packed copies are built on
         entry from the current weights (so a training step between generations is seen) and freed
         on exit. A no-op on GPUs (cuBLAS gains little) and for LoRA-wrapped projections."""
-        use = self.device.type == "cpu"
-        for layer in self.model.layers if use else ():
-            a, m = layer.self_attn, layer.mlp
-            a.packed_qkv = pack_linears(a.q_proj, a.k_proj, a.v_proj)
-            m.packed_gate_up = pack_linears(m.gate_proj, m.up_proj)
-        try:
+        with packed_decode_weights(self.model.layers, self.device):
             yield self
-        finally:
-            for layer in self.model.layers:
-                layer.self_attn.packed_qkv = None
-                layer.mlp.packed_gate_up = None
 
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """An empty :class:`KVCache` in the model's dtype and device.
+
+        Args:
+            batch_size: rows.
+            max_length: positions per row (at most ``max_position_embeddings``).
+        """
         if max_length > self.config.max_position_embeddings:
             raise ValueError(f"CausalLM: cache length {max_length} exceeds max_position_embeddings "
                              f"{self.config.max_position_embeddings}")
@@ -531,7 +341,15 @@ class CausalLM(nn.Module):
         """Log-prob of every next token, ``[B, T - 1]`` fp32 (position t scores ``input_ids[:, t + 1]``
         given the prefix), from the hidden states through ``ops.linear_token_logprobs``: the
         ``[B, T, V]`` logits are never materialized. Entries whose target is padding are
-        meaningless; mask them with ``attention_mask[:, 1:]``."""
+        meaningless; mask them with ``attention_mask[:, 1:]``.
+
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            attention_mask: ``[B, T]``, 1 on valid tokens (left or right padding).
+            temperature: score ``softmax(logits / temperature)`` (the sampling temperature of a rollout).
+            return_entropy: also return the entropy of each position's distribution ``[B, T - 1]``.
+            chunk_size: tokens per chunk of the fused LM head (default: the op's).
+        """
         hidden = self(input_ids, attention_mask, return_hidden=True)  # (B, T, C)
         # a LoRA adapter on the LM head counts (LoRALinear.merged_weight)
         weight = self.lm_head.merged_weight() if hasattr(self.lm_head, "merged_weight") else self.lm_head.weight
@@ -540,40 +358,70 @@ class CausalLM(nn.Module):
                                          chunk_size=chunk_size)
 
     def token_loss(self, input_ids: torch.Tensor, loss_fn, attention_mask: torch.Tensor | None = None, *,
-                   temperature: float = 1.0, chunk_rows: int | None = None) -> "ops.LinearTokenLossOutput":
+                   temperature: float = 1.0, chunk_rows: int | None = None) -> ops.LinearTokenLossOutput:
         """A loss of the next-token log-probs known up front (PPO/GRPO, SFT), through
         ``ops.linear_token_loss``: ``loss_fn(logprobs [b, T - 1], entropy [b, T - 1], rows)`` is
         called on chunks of ``chunk_rows`` whole sequences (``rows`` slices the batch), must be a sum over
         sequences (use batch-wide normalizers), and the LM head's gradients are computed chunk by
         chunk in the forward: three matmuls instead of the four of ``token_logprobs`` + a loss.
-        Returns ``(loss, logprobs, entropy)``, the last two ``[B, T - 1]`` and detached."""
+        Returns ``(loss, logprobs, entropy)``, the last two ``[B, T - 1]`` and detached.
+
+        Args:
+            input_ids: ``[B, T]`` token ids.
+            loss_fn: ``(logprobs [b, T - 1], entropy [b, T - 1], rows: slice) -> loss []``, a sum over rows.
+            attention_mask: ``[B, T]``, 1 on valid tokens.
+            temperature: as in :meth:`token_logprobs`.
+            chunk_rows: sequences per chunk (default: about 2^24 logits, at least one sequence).
+        """
         hidden = self(input_ids, attention_mask, return_hidden=True)  # (B, T, C)
         weight = self.lm_head.merged_weight() if hasattr(self.lm_head, "merged_weight") else self.lm_head.weight
         return ops.linear_token_loss(hidden[:, :-1], weight, input_ids[:, 1:], loss_fn, temperature=temperature,
                                      chunk_rows=chunk_rows)
 
+    def post_load(self) -> None:
+        """Re-tie the LM head to the embedding after a meta-device build + load (checkpoints)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
     # ---- checkpoints (safetensors + config.json, loadable by transformers too)
     def save_pretrained(self, path, *, dtype: torch.dtype | None = None) -> None:
         """Write ``config.json`` (Hugging Face keys) and ``model.safetensors``; LoRA adapters, if
-        any, are merged into the saved weights (the model itself is left as it is)."""
-        from fastrlhf.models.checkpoint import save_checkpoint
-        save_checkpoint(self, path, dtype=dtype)
+        any, are merged into the saved weights (the model itself is left as it is).
+
+        Args:
+            path: the directory (created if missing).
+            dtype: cast the saved weights (default: as they are).
+        """
+        ckpt.save_checkpoint(self, path, dtype=dtype)
 
     @classmethod
-    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, device=None) -> "CausalLM":
+    def from_pretrained(cls, path, *, dtype: torch.dtype | None = None, device=None) -> CausalLM:
         """Load a directory written by :meth:`save_pretrained` or by ``transformers`` (Llama,
-        Mistral, Qwen2; safetensors only, sharded or not)."""
-        from fastrlhf.models.checkpoint import load_checkpoint
-        return load_checkpoint(cls, path, dtype=dtype, device=device)
+        Mistral, Qwen2; safetensors only, sharded or not).
+
+        Args:
+            path: the checkpoint directory.
+            dtype: cast floating weights (default: the stored dtype).
+            device: where to put the model (default CPU).
+        """
+        return ckpt.load_checkpoint(cls, path, dtype=dtype, device=device)
 
     @classmethod
-    def from_hf(cls, model_or_path, *, dtype: torch.dtype | None = None, device=None) -> "CausalLM":
+    def from_hf(cls, model_or_path, *, dtype: torch.dtype | None = None, device=None) -> CausalLM:
         """From a ``transformers`` Llama / Mistral / Qwen2 causal LM object or a local checkpoint
-        directory (no network)."""
-        from fastrlhf.models.hf import causal_lm_from_hf
+        directory (no network).
+
+        Args:
+            model_or_path: a ``transformers`` model, or a directory.
+            dtype: cast floating weights (default: the source's dtype).
+            device: where to put the model (default: the source's device).
+        """
+        from fastrlhf.models.hf import causal_lm_from_hf  # hf.py converts model objects (needs transformers)
+
         return causal_lm_from_hf(cls, model_or_path, dtype=dtype, device=device)
 
     def to_hf(self):
         """The equivalent ``transformers`` model (needs the ``hf`` extra)."""
         from fastrlhf.models.hf import causal_lm_to_hf
+
         return causal_lm_to_hf(self)

@@ -198,7 +198,8 @@ def load_lora(model: nn.Module, path, *, freeze_base: bool = True) -> nn.Module:
             raise ValueError(f"load_lora: adapter weight {key!r} has no LoRA module {mod_name!r} in the model")
         target = getattr(modules[mod_name], "lora_" + part.split(".")[0]).weight
         if target.shape != value.shape:
-            raise ValueError(f"load_lora: {key} has shape {tuple(value.shape)}, the model expects {tuple(target.shape)}")
+            raise ValueError(f"load_lora: {key} has shape {tuple(value.shape)}, "
+                             f"the model expects {tuple(target.shape)}")
         with torch.no_grad():
             target.copy_(value)
         loaded.add((mod_name, part))

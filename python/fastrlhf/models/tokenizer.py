@@ -52,7 +52,7 @@ class Tokenizer:
     @classmethod
     def train(cls, corpus: Iterable[str] | str | Path | Sequence[str | Path], vocab_size: int = 8192, *,
               min_frequency: int = 2, special_tokens: Sequence[str] = DEFAULT_SPECIAL_TOKENS,
-              chat_template: str | None = CHATML_TEMPLATE, show_progress: bool = False) -> "Tokenizer":
+              chat_template: str | None = CHATML_TEMPLATE, show_progress: bool = False) -> Tokenizer:
         """Train a byte-level BPE (GPT-2 style: every byte representable, no unknown token).
         ``corpus``: an iterable of texts, or a path / list of paths to text files. The first
         special token is EOS, the second padding."""
@@ -79,7 +79,7 @@ class Tokenizer:
         return cls(backend, eos_token=eos, pad_token=pad, chat_template=chat_template)
 
     @classmethod
-    def from_pretrained(cls, path) -> "Tokenizer":
+    def from_pretrained(cls, path) -> Tokenizer:
         """Load a local Hugging Face tokenizer directory (``tokenizer.json`` is required; slow,
         sentencepiece-only tokenizers must be converted with transformers first)."""
         from tokenizers import Tokenizer as Backend
@@ -220,7 +220,8 @@ def _render(template: str, **context) -> str:
             import datetime
             return datetime.datetime.now().strftime(fmt)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
         env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
         _TEMPLATES[template] = env.from_string(template)
