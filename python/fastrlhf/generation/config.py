@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import torch
 
@@ -36,6 +36,10 @@ class GenerationConfig:
     config), else the first stop token, else 0."""
     seed: int | None = None
     """Sampling seed; None draws one from torch's default generator (``torch.manual_seed``)."""
+    request_ids: Sequence[int] | torch.Tensor | None = None
+    """One id (int >= 0) per row keying its random stream together with ``seed``: a row with the
+    same id, seed, prompt and settings draws the same tokens wherever it sits in a batch. None:
+    the row's index (so the same prompt at another index draws other tokens)."""
     drop_finished: bool = True
     """Remove finished rows from the batch (their KV cache too) so they cost nothing more."""
     synchronize_timings: bool = False

@@ -4,7 +4,8 @@ native path (transformers' per-step overhead), same outputs contract.
 
 Requirements on ``model``: ``model(input_ids=, attention_mask=, position_ids=, cache=,
 use_cache=True)`` returning ``.logits [B, T, V]`` and ``.cache`` (transformers >= 5.2x), or the
-older spelling ``past_key_values`` in and out - every ``transformers`` ``*ForCausalLM``. Finished rows are dropped when the cache has
+older spelling ``past_key_values`` in and out - every ``transformers`` ``*ForCausalLM``. Finished rows are
+dropped when the cache has
 ``batch_select_indices`` (transformers' ``DynamicCache``), else kept (fed padding).
 """
 
@@ -15,19 +16,20 @@ import inspect
 import torch
 
 from fastrlhf.generation.config import GenerationConfig, GenerationOutput
-from fastrlhf.generation.engine import Decoder, _Plan
+from fastrlhf.generation.decoding import Decoder, SamplingPlan
 
 
 @torch.no_grad()  # not inference_mode: the outputs feed training forwards (autograd)
 def generate_hf(model, input_ids, attention_mask, config: GenerationConfig) -> GenerationOutput:
     if not callable(model) or not hasattr(model, "config"):
-        raise TypeError(f"generate: expected a fastrlhf CausalLM or a transformers causal LM, got {type(model).__name__}")
+        raise TypeError(f"generate: expected a fastrlhf CausalLM or a transformers causal LM, "
+                        f"got {type(model).__name__}")
     dev = next(model.parameters()).device
     params = inspect.signature(model.forward).parameters
     cache_kw = "cache" if "cache" in params else "past_key_values"
     last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # no [B, P, V] prefill logits
     input_ids = input_ids.to(dev)
-    plan = _Plan(input_ids, attention_mask, config, model)
+    plan = SamplingPlan(input_ids, attention_mask, config, model)
     B, L = plan.B, plan.L
     mask = plan.mask.to(dev)
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # left padding: prompts start at position 0
