@@ -9,7 +9,8 @@ import sys
 import pytest
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
-SCRIPTS = ["gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "sample", "attention", "generate"]
+SCRIPTS = ["gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "sample", "attention",
+           "generate"]
 PROVIDERS = {
     "gae": {"kernel", "loop", "vectorized", "reference"},
     "group_advantages": {"kernel", "eager", "reference"},

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_utils import left_padded, tiny_model
 from fastrlhf import ops
 from fastrlhf.generation import GenerationConfig, generate
+
+from helpers.models import left_padded, tiny_model
 
 LENGTHS = [9, 4, 1, 7, 6]
 
@@ -77,7 +78,8 @@ def test_stop_tokens_and_per_row_limits_are_exact():
     stop = row0[2]
     first = row0.index(stop)
     limits = [8, 3, 8, 1, 5]
-    stops = [[stop], [], [], [], [1000]]
+    unused = next(t for t in range(97) if t not in greedy.responses[4].tolist())  # a stop id never drawn
+    stops = [[stop], [], [], [], [unused]]
     out = generate(model, ids, mask, max_new_tokens=limits, temperature=0.0, stop_token_ids=stops, pad_token_id=-7)
     assert out.responses.shape == (5, 8)
     assert out.response_lengths.tolist() == [first + 1, 3, 8, 1, 5]

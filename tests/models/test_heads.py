@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_utils import left_padded, tiny_model
 from fastrlhf.models import PolicyWithValue, RewardModel, ValueModel, last_token_index
+
+from helpers.models import left_padded, tiny_model
 
 
 def test_last_token_index_left_and_right_padding():
@@ -26,7 +27,7 @@ def test_reward_reads_last_valid_token(padding):
     with torch.no_grad():
         scores, values = rm(ids, mask, return_values=True)
         assert scores.shape == (3,) and values.shape == (3, 6) and scores.dtype == torch.float32
-        for b, n in enumerate(lengths):
+        for b in range(len(lengths)):
             alone = rm(ids[b, mask[b].bool()][None])  # unpadded: reads its last position
             torch.testing.assert_close(scores[b:b + 1], alone, rtol=1e-5, atol=1e-5)
 

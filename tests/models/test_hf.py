@@ -9,8 +9,9 @@ import json
 import pytest
 import torch
 
-from model_utils import left_padded
 from fastrlhf.models import CausalLM, RewardModel
+
+from helpers.models import left_padded
 
 transformers = pytest.importorskip("transformers")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model_utils import left_padded, model, tiny_config, tiny_model  # noqa: F401  (model: fixture)
 from fastrlhf import ops
 from fastrlhf.models import CausalLM, CausalLMConfig, KVCache
+
+from helpers.models import left_padded, tiny_config, tiny_model
 
 
 def test_forward_shapes_and_hidden(model):
@@ -27,7 +28,7 @@ def test_padded_rows_match_unpadded(model, padding):
         ids, mask = ids.flip(1), mask.flip(1)  # reversed order is fine: the valid block is what matters
     with torch.no_grad():
         batch = model(ids, mask)
-        for b, n in enumerate(lengths):
+        for b in range(len(lengths)):
             valid = mask[b].bool()
             alone = model(ids[b, valid][None])[0]
             torch.testing.assert_close(batch[b, valid], alone, rtol=1e-5, atol=1e-5)

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
-from model_utils import left_padded, tiny_model
 from fastrlhf.models import CausalLM, LoRALinear, apply_lora, load_lora, merge_lora, save_lora
+
+from helpers.models import left_padded, tiny_model
 
 
 def train_a_bit(model, ids, mask, steps=3):

@@ -4,7 +4,6 @@ transformers' AutoTokenizer."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from fastrlhf.models import Tokenizer
 

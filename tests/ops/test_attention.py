@@ -21,9 +21,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastrlhf.ops import attention, decode_attention
-from fastrlhf.ops import reference
-from conftest import DEVICES, LOW_PRECISION, TOLERANCES, assert_close
+from fastrlhf.ops import attention, decode_attention, reference
+
+from helpers import DEVICES, LOW_PRECISION, TOLERANCES, assert_close
 
 F64 = torch.float64
 CUDA_MARKS = DEVICES[1].marks  # skip without a GPU / CUDA build
@@ -597,9 +597,11 @@ CUDA_FP64_CASES = {
     "causal": ((2, 4, 2, 70, 70, 8), dict(causal=True)),
     "noncausal-tq<tk": ((2, 4, 2, 33, 97, 16), dict(causal=False)),
     "causal-tq<tk-ranges": ((3, 4, 2, 33, 97, 16),
-                            dict(causal=True, key_lengths=torch.tensor([97, 40, 0]), key_start=torch.tensor([0, 5, 0]))),
+                            dict(causal=True, key_lengths=torch.tensor([97, 40, 0]),
+                                 key_start=torch.tensor([0, 5, 0]))),
     "noncausal-ranges-empty": ((3, 4, 4, 20, 70, 32),
-                               dict(causal=False, key_lengths=torch.tensor([70, 3, 20]), key_start=torch.tensor([69, 3, 30]))),
+                               dict(causal=False, key_lengths=torch.tensor([70, 3, 20]),
+                                    key_start=torch.tensor([69, 3, 30]))),
     "causal-tq>tk": ((2, 4, 1, 70, 5, 8), dict(causal=True)),
     "D=1": ((1, 2, 1, 33, 70, 1), dict(causal=True)),
     "D=64-mqa": ((2, 8, 1, 65, 65, 64), dict(causal=True, key_lengths=torch.tensor([65, 31]))),
@@ -640,7 +642,8 @@ TC_CASES = {
     "causal-T300-gqa-ranges": ((2, 8, 2, 300, 300),
                                dict(causal=True, key_lengths=torch.tensor([300, 217]), key_start=torch.tensor([0, 9]))),
     "noncausal-T300-gqa-ranges": ((2, 8, 2, 300, 300),
-                                  dict(causal=False, key_lengths=torch.tensor([300, 217]), key_start=torch.tensor([0, 9]))),
+                                  dict(causal=False, key_lengths=torch.tensor([300, 217]),
+                                       key_start=torch.tensor([0, 9]))),
     "causal-tq<tk": ((2, 4, 4, 100, 300), dict(causal=True)),
     "causal-tq>tk-mqa": ((1, 4, 1, 129, 65), dict(causal=True)),
     "noncausal-T1": ((3, 4, 2, 1, 1), dict(causal=False)),
@@ -782,7 +785,8 @@ def test_cuda_bitwise_deterministic(device):
 @pytest.mark.parametrize("causal", [True, False])
 def test_cuda_gradcheck(causal, device):
     q, k, v, _ = make_qkv(2, 2, 1, 3, 5, 2, seed=41, device=device)
-    kw = dict(causal=causal, key_lengths=torch.tensor([4, 5], device=device), key_start=torch.tensor([1, 0], device=device))
+    kw = dict(causal=causal, key_lengths=torch.tensor([4, 5], device=device),
+              key_start=torch.tensor([1, 0], device=device))
     for t in (q, k, v):
         t.requires_grad_()
     assert torch.autograd.gradcheck(lambda q, k, v: attention(q, k, v, impl="kernel", **kw), (q, k, v))

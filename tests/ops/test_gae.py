@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import fastrlhf
 from fastrlhf.ops import GAE, discounted_returns, gae
-from conftest import DEVICES, LOW_PRECISION, MASK_KINDS, TOLERANCES, assert_close, make_mask
+
+from helpers import DEVICES, LOW_PRECISION, MASK_KINDS, assert_close, make_mask
 
 GAMMA, LAM = 0.99, 0.95
 

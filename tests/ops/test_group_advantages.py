@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastrlhf.ops import GroupAdvantages, group_advantages
-from conftest import DEVICES, LOW_PRECISION, assert_close
+
+from helpers import DEVICES, LOW_PRECISION, assert_close
 
 MODES = [  # (normalize, leave_one_out): GRPO, Dr. GRPO, RLOO, RLOO / std
     ("std", False),

@@ -9,8 +9,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fastrlhf.ops import LinearTokenLogprobs, linear_token_logprobs, token_logprobs
-from conftest import DEVICES, assert_close, lm_head_inputs
 
+from helpers import DEVICES, assert_close, lm_head_inputs
 
 make_inputs = lm_head_inputs
 
@@ -160,7 +160,8 @@ def test_zero_hidden_size(dtype):
 def test_bitwise_identical_for_any_thread_count():
     """fp32 CPU kernel: the tile GEMMs run as fixed work units (micro-kernel strips, or panels of
     single-threaded BLAS calls), so 1 and 2 threads give the same bits (a multi-threaded BLAS
-    rounded the narrow last vocab block differently); uneven chunks (700 + 700 + 100 tokens) and vocab blocks (1344 + 1344 + 312)."""
+    rounded the narrow last vocab block differently); uneven chunks (700 + 700 + 100 tokens) and vocab blocks
+    (1344 + 1344 + 312)."""
     inp = make_inputs((1500,), 64, 3000, dtype=torch.float32, seed=13)
     before = torch.get_num_threads()
     try:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from fastrlhf.ops import linear_token_loss, policy_loss
-from conftest import DEVICES, assert_close, lm_head_inputs
+
+from helpers import DEVICES, assert_close, lm_head_inputs
 
 
 def make_inputs(lead, H, V, **kw):

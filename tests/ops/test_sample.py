@@ -28,7 +28,8 @@ import torch
 
 import fastrlhf
 from fastrlhf.ops import SampleOutput, reference, sample
-from conftest import DEVICES, assert_close
+
+from helpers import DEVICES, assert_close
 
 NEG_INF = float("-inf")
 V_SMALL = 12

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from fastrlhf.ops import q_update, td_targets
-from conftest import DEVICES, LOW_PRECISION, assert_close
+
+from helpers import DEVICES, LOW_PRECISION, assert_close
 
 SHAPES = [(7, 3), (4, 5, 6), (33, 17), (1, 1), (2, 3, 40)]  # [B, A], [B, T, A]; A > 8 and A < 8
 
@@ -103,7 +104,8 @@ def test_low_precision_vs_fp64_reference(device, dtype):
     for s in sample_inputs(device, dtype, seed=1):
         k = targets_of(s, "kernel")
         assert k.dtype == dtype
-        assert_close(k, targets_of(s, "reference", cast=torch.float64), dtype, what=f"td_targets {tuple(s['next_q'].shape)}")
+        ref = targets_of(s, "reference", cast=torch.float64)
+        assert_close(k, ref, dtype, what=f"td_targets {tuple(s['next_q'].shape)}")
         qk = q_update(s["q"], s["actions"], s["targets"], alpha=0.3, impl="kernel")
         qr = q_update(s["q"].double(), s["actions"], s["targets"].double(), alpha=0.3, impl="reference")
         assert qk.dtype == dtype
@@ -116,7 +118,8 @@ def test_many_rows():
     next_q = torch.randn(5000, 7, generator=g, dtype=torch.float64)
     r = torch.randn(5000, generator=g, dtype=torch.float64)
     d = torch.rand(5000, generator=g) < 0.1
-    assert_close(td_targets(r, next_q, d, gamma=0.99, impl="kernel"), td_targets(r, next_q, d, gamma=0.99, impl="reference"))
+    assert_close(td_targets(r, next_q, d, gamma=0.99, impl="kernel"),
+                 td_targets(r, next_q, d, gamma=0.99, impl="reference"))
     a = torch.randint(0, 7, (5000,), generator=g)
     assert_close(q_update(next_q, a, r, alpha=0.1, impl="kernel"), q_update(next_q, a, r, alpha=0.1, impl="reference"))
 
@@ -251,7 +254,8 @@ def _args():
     [
         (lambda r, q, a: td_targets(r, q, gamma=0.9, method="sarsa"), ValueError, "next_actions"),
         (lambda r, q, a: td_targets(r, q, gamma=0.9, next_actions=a), ValueError, "next_actions"),
-        (lambda r, q, a: td_targets(r, q, gamma=0.9, method="sarsa", next_actions=a.float()), TypeError, "next_actions"),
+        (lambda r, q, a: td_targets(r, q, gamma=0.9, method="sarsa", next_actions=a.float()), TypeError,
+         "next_actions"),
         (lambda r, q, a: td_targets(r, q, gamma=0.9, method="sarsa", next_actions=a.bool()), TypeError, "next_actions"),
         (lambda r, q, a: td_targets(r, q, gamma=0.9, method="sarsa", next_actions=a[:3]), ValueError, "next_actions"),
         (lambda r, q, a: td_targets(r, q, gamma=0.9, method="expected_sarsa"), ValueError, "method"),

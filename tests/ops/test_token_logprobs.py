@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 from torch.profiler import ProfilerActivity, profile
 
 from fastrlhf.ops import TokenLogprobs, token_logprobs
-from conftest import DEVICES, LOW_PRECISION, assert_close
+
+from helpers import DEVICES, LOW_PRECISION, assert_close
 
 NEG_INF = float("-inf")
 

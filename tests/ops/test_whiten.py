@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fastrlhf.ops import Whiten, whiten
-from conftest import DEVICES, LOW_PRECISION, MASK_KINDS, assert_close, make_mask
+
+from helpers import DEVICES, LOW_PRECISION, MASK_KINDS, assert_close, make_mask
 
 OPTIONS = [dict(shift_mean=s, unbiased=u) for s in (True, False) for u in (True, False)]
 
@@ -45,7 +46,10 @@ def sample_inputs(device, dtype, *, requires_grad=False, seed=0):
 def test_kernel_matches_reference_fp64(device, mask_kind, opts):
     g = torch.Generator().manual_seed(1)
     x = (torch.randn(8, 40, generator=g, dtype=torch.float64) * 3 - 1).to(device)
-    mask = one_valid_mask(8, 40, device) if mask_kind == "one_valid" else make_mask(mask_kind, 8, 40, generator=g, device=device)
+    if mask_kind == "one_valid":
+        mask = one_valid_mask(8, 40, device)
+    else:
+        mask = make_mask(mask_kind, 8, 40, generator=g, device=device)
     k = whiten(x, mask, **opts, impl="kernel")
     r = whiten(x, mask, **opts, impl="reference")
     assert_close(k, r)

@@ -1,9 +1,7 @@
-"""Small models for the model and generation tests (fp32, a few layers, GQA). Import with
-``from model_utils import ...`` (tests/ is on sys.path, as for conftest)."""
+"""Small models for the model, generation and trainer tests (fp32, a few layers, GQA)."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from fastrlhf.models import CausalLM, CausalLMConfig
@@ -28,9 +26,3 @@ def left_padded(B: int, P: int, vocab: int, lengths, seed: int = 0):
     mask = (torch.arange(P) >= P - lengths[:, None]).long()
     ids = torch.randint(1, vocab, (B, P), generator=g) * mask
     return ids, mask
-
-
-@pytest.fixture
-def model():
-    """A fresh tiny CausalLM (import the fixture into the test module to use it)."""
-    return tiny_model()
