@@ -13,8 +13,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
@@ -132,7 +132,6 @@ def measure_bandwidth(device: str, *, quick: bool) -> float:
     src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     t = time_fn(lambda: dst.copy_(src), device, repeat=3 if quick else 5)
-    del src, dst
     return 2 * n * 4 / t / 1e9
 
 

@@ -12,9 +12,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-import _harness as H
-
 import fastrlhf
+
+import _harness as H
 
 
 def sdpa(q, k, v, causal):

@@ -14,15 +14,14 @@ bandwidth this script measures at start-up.
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
 
-import _harness as H
-
 import fastrlhf
 from fastrlhf.ops import reference
+
+import _harness as H
 
 
 def loop_gae(rewards, values, mask, gamma: float, lam: float):

@@ -13,10 +13,10 @@ import sys
 
 import torch
 
-import _harness as H
-
 from fastrlhf.generation import GenerationConfig, generate
 from fastrlhf.models import CausalLM
+
+import _harness as H
 
 # ~16M parameters: 6 layers, hidden 384, 6 heads (D = 64), 2 kv heads, SwiGLU 1024, vocab 8192
 MODEL = dict(vocab_size=8192, hidden_size=384, intermediate_size=1024, num_hidden_layers=6, num_attention_heads=6,

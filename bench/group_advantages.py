@@ -8,9 +8,9 @@ import sys
 
 import torch
 
-import _harness as H
-
 import fastrlhf
+
+import _harness as H
 
 
 def eager_grpo(scores: torch.Tensor, G: int, eps: float = 1e-6) -> torch.Tensor:

@@ -9,10 +9,10 @@ import sys
 
 import torch
 
-import _harness as H
-
 import fastrlhf
 from fastrlhf.ops import reference
+
+import _harness as H
 
 
 def make(B, T, dev, seed=0):

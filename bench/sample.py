@@ -9,10 +9,10 @@ import sys
 
 import torch
 
-import _harness as H
-
 import fastrlhf
 from fastrlhf.ops import reference
+
+import _harness as H
 
 
 def sort_based(logits, *, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,

@@ -9,9 +9,9 @@ import sys
 
 import torch
 
-import _harness as H
-
 import fastrlhf
+
+import _harness as H
 
 
 def eager_q_learning(rewards, next_q, dones, gamma: float):

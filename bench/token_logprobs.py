@@ -17,9 +17,9 @@ import sys
 
 import torch
 
-import _harness as H
-
 import fastrlhf
+
+import _harness as H
 
 
 def eager_logprobs(logits, tokens):
@@ -39,9 +39,8 @@ def compiled(fn):
         return None
 
 
-def fwd_bwd(f, inputs, grad_seed=0):
+def fwd_bwd(f, inputs):
     """Returns callables: forward only (no grad), forward+backward."""
-    g = torch.Generator().manual_seed(grad_seed)
 
     def fwd():
         with torch.no_grad():
@@ -80,7 +79,7 @@ def lm_head_rows(op, providers, inputs, check, dn, dev, *, repeat, with_fwd) -> 
     logits_bytes = N * V * hidden.element_size()
     grads = (hidden.numel() + weight.numel()) * hidden.element_size()  # outputs every provider makes
     rows = []
-    for name, (fwd, full) in calls.items():
+    for name, (_fwd, full) in calls.items():
         hidden.grad = weight.grad = None
         mem = H.peak_memory(full, dev)
         if with_fwd:

@@ -8,9 +8,9 @@ import sys
 
 import torch
 
-import _harness as H
-
 import fastrlhf
+
+import _harness as H
 
 
 def trl_masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:

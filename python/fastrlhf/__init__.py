@@ -4,8 +4,8 @@ Layers (imports only go downward): ``ops`` (kernels behind a functional API, wit
 references in ``ops.reference``) -> models -> generation -> feedback -> trainers -> cli.
 """
 
-from fastrlhf._ext import build_info, extension_available
 from fastrlhf import ops
+from fastrlhf._ext import build_info, extension_available
 
 __version__ = "0.1.0"
 __all__ = ["ops", "build_info", "extension_available", "__version__"]
