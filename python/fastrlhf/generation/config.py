@@ -11,7 +11,37 @@ import torch
 @dataclass
 class GenerationConfig:
     """Sampling settings. ``max_new_tokens`` and ``stop_token_ids`` may be per row; the sampling
-    parameters may be per-row ``[B]`` tensors (as ``fastrlhf.ops.sample`` takes them)."""
+    parameters may be per-row ``[B]`` tensors (as ``fastrlhf.ops.sample`` takes them).
+
+    Args:
+        max_new_tokens: new tokens per row at most: an int, or one per row.
+        temperature: softmax temperature (>= 0); 0 means greedy. Also the temperature of the
+            returned ``logprobs``.
+        top_k: keep the k most likely tokens (0: off, 1: greedy).
+        top_p: nucleus sampling: keep the smallest set of most likely tokens whose mass reaches
+            ``top_p``, in (0, 1] (1: off).
+        min_p: keep tokens with probability >= ``min_p`` times the largest one, in [0, 1] (0: off).
+        epsilon: epsilon-greedy exploration, in [0, 1]: mix the filtered distribution with a
+            uniform one (0: off).
+        repetition_penalty: Hugging Face's repetition penalty (> 0, 1: off); it sees the prompt and
+            the generated tokens.
+        presence_penalty: subtracted from the logit of every token already generated (vLLM /
+            OpenAI; generated tokens only; 0: off).
+        frequency_penalty: times its count, subtracted from the logit of every token already
+            generated (generated tokens only; 0: off).
+        stop_token_ids: tokens that end a row (kept as its last response token): one id or list for
+            all rows, or a list per row. None: ``eos_token_id`` of the model's generation config,
+            else of its config.
+        pad_token_id: fills sequences after a row ends. None: the model's ``pad_token_id``
+            (generation config, then config), else the first stop token, else 0.
+        seed: sampling seed; None draws one from torch's default generator.
+        request_ids: one id (int >= 0) per row keying its random stream together with ``seed`` (the
+            same id, seed, prompt and settings draw the same tokens anywhere in a batch). None: the
+            row's index.
+        drop_finished: remove finished rows from the batch (their KV cache too).
+        synchronize_timings: on CUDA, synchronize around each phase so ``timings`` measure device
+            time.
+    """
 
     max_new_tokens: int | Sequence[int] | torch.Tensor = 128
     """New tokens per row at most: an int, or one per row."""
@@ -48,7 +78,22 @@ class GenerationConfig:
 
 @dataclass
 class GenerationOutput:
-    """Shapes: B rows, P prompt positions (as given, left-padded), L = max new tokens of the call."""
+    """Shapes: B rows, P prompt positions (as given, left-padded), L = max new tokens of the call.
+
+    Args:
+        sequences: ``[B, P + L]`` int64, prompt + response, ``pad_token_id`` after a row ends.
+        attention_mask: ``[B, P + L]`` int64, 1 on prompt and response tokens.
+        response_mask: ``[B, L]`` int64, 1 on generated tokens (the stop token included).
+        logprobs: ``[B, L]`` fp32, ``log softmax(logits / T)`` of each generated token (T = 1 when
+            greedy); 0 on pads.
+        sampling_logprobs: ``[B, L]`` fp32, the token's log-prob under the processed distribution
+            actually sampled from (penalties, top-k/p, min-p, epsilon applied); 0 on pads.
+        response_lengths: ``[B]`` int64, generated tokens per row.
+        stopped: ``[B]`` bool, the row ended with a stop token (else it hit ``max_new_tokens``).
+        prompt_length: ``P``; ``sequences[:, P:]`` are the responses.
+        timings: seconds spent in ``prefill``, ``decode`` and ``sample``, and ``tokens``, the number
+            of tokens generated.
+    """
 
     sequences: torch.Tensor  # [B, P + L] int64: prompt + response, pad_token_id after a row ends
     attention_mask: torch.Tensor  # [B, P + L] int64: 1 on prompt and response tokens

@@ -45,7 +45,15 @@ __all__ = ["CausalLM", "CausalLMConfig", "KVCache", "LlamaTrunk", "RMSNorm", "ro
 
 
 class RMSNorm(nn.Module):
-    """``weight * x / rms(x)``, computed in fp32 (as Hugging Face's LlamaRMSNorm)."""
+    """``weight * x / rms(x)``, computed in fp32 (as Hugging Face's LlamaRMSNorm).
+
+    ``forward(x [..., dim]) -> [..., dim]``: normalized in fp32, cast back to ``x``'s dtype, then
+    scaled by ``weight``.
+
+    Args:
+        dim: the size of the normalized last dimension (``weight`` is ``[dim]``, initialized to ones).
+        eps: added to the mean square before the square root.
+    """
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -182,7 +190,11 @@ class DecoderLayer(nn.Module):
 
 class LlamaTrunk(nn.Module):
     """Embedding, decoder layers and the final norm: ``input_ids -> hidden`` (``CausalLM.model``;
-    also the backbone of the value and reward models)."""
+    also the backbone of the value and reward models).
+
+    Args:
+        config: the architecture (vocabulary, sizes, layers, RoPE, norm eps).
+    """
 
     def __init__(self, config: CausalLMConfig):
         super().__init__()
@@ -256,7 +268,13 @@ def check_input_ids(input_ids, vocab_size: int, *, check_range: bool = True) -> 
 class CausalLM(nn.Module):
     """Llama-style decoder-only LM. ``forward`` returns logits ``[..., V]`` or, with
     ``return_hidden=True``, the final-norm hidden states ``[..., C]`` (feed them to
-    :meth:`token_logprobs` / ``ops.linear_token_logprobs`` to skip the logits)."""
+    :meth:`token_logprobs` / ``ops.linear_token_logprobs`` to skip the logits).
+
+    Args:
+        config: the architecture (a :class:`~fastrlhf.models.config.CausalLMConfig`); weights are drawn
+            from a normal with std ``initializer_range``, and ``lm_head`` shares the embedding when
+            ``tie_word_embeddings``. Use :meth:`from_pretrained` / :meth:`from_hf` to load weights.
+    """
 
     def __init__(self, config: CausalLMConfig):
         super().__init__()
@@ -295,6 +313,14 @@ class CausalLM(nn.Module):
         return self.lm_head.weight.dtype
 
     def num_parameters(self, trainable_only: bool = False) -> int:
+        """The number of parameter elements, a tied embedding / LM head counted once.
+
+        Args:
+            trainable_only: count only parameters with ``requires_grad`` (e.g. the LoRA adapters).
+
+        Returns:
+            The count, an int.
+        """
         seen, n = set(), 0
         for p in self.parameters():
             if id(p) not in seen and (p.requires_grad or not trainable_only):
@@ -324,7 +350,15 @@ class CausalLM(nn.Module):
         return KVCache(self.config, batch_size, max_length, dtype=self.dtype, device=self.device)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden ``[..., C]`` -> logits ``[..., V]``."""
+        """hidden ``[..., C]`` -> logits ``[..., V]``.
+
+        Args:
+            hidden: final-norm hidden states ``[..., C]`` (``forward(..., return_hidden=True)``), in the
+                model's dtype.
+
+        Returns:
+            Contiguous logits ``[..., V]`` in the model's dtype (differentiable).
+        """
         return linear(self.lm_head, hidden).contiguous()  # decode-sized: one copy here, not one per consumer
 
     # ---- forward

@@ -22,7 +22,17 @@ _PEFT_PREFIX = "base_model.model."
 
 
 class LoRALinear(nn.Module):
-    """A frozen ``nn.Linear`` plus a trainable rank-``r`` update. ``weight`` / ``bias`` are the base's."""
+    """A frozen ``nn.Linear`` plus a trainable rank-``r`` update. ``weight`` / ``bias`` are the base's.
+
+    ``forward(x) = base(x) + (alpha / r) * lora_B(lora_A(dropout(x)))``; ``lora_A`` ``[r, in]`` is
+    Kaiming-initialized and ``lora_B`` ``[out, r]`` zero, on the base's device and dtype.
+
+    Args:
+        base: the ``nn.Linear`` to adapt; kept as ``base_layer`` and frozen (``requires_grad`` off).
+        r: the adapter's rank (>= 1).
+        alpha: the scale numerator: the update is multiplied by ``alpha / r``.
+        dropout: dropout probability on the adapter's input (0: none; the base path never drops).
+    """
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -96,7 +106,25 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: fl
                target_modules=DEFAULT_TARGETS, freeze_base: bool = True) -> nn.Module:
     """Wrap every ``nn.Linear`` whose attribute name is in ``target_modules`` with a
     :class:`LoRALinear` (in place) and, by default, freeze everything but the adapters.
-    Returns ``model``. Records the settings in ``model.lora_config``."""
+    Returns ``model``. Records the settings in ``model.lora_config``.
+
+    Args:
+        model: the model to adapt (modified in place).
+        r: adapter rank (>= 1).
+        alpha: LoRA alpha; the update is scaled by ``alpha / r``.
+        dropout: dropout probability on the adapters' inputs (0: none).
+        target_modules: leaf attribute names of the ``nn.Linear`` layers to wrap (e.g. ``"q_proj"``);
+            default: every attention and MLP projection of a Llama block. Layers already wrapped
+            are skipped.
+        freeze_base: set ``requires_grad=False`` on every existing parameter first, so that only the
+            adapters train. The wrapped layers' base weights are frozen either way.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        ValueError: no ``nn.Linear`` matches ``target_modules``.
+    """
     found = list(_targets(model, set(target_modules)))
     if not found:
         raise ValueError(f"apply_lora: no nn.Linear named {sorted(target_modules)} in the model")
@@ -114,7 +142,15 @@ def lora_modules(model: nn.Module):
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base layer (in place) and remove the wrappers."""
+    """Fold every adapter into its base layer (in place) and remove the wrappers.
+
+    Args:
+        model: a model with :class:`LoRALinear` layers (one without is returned unchanged).
+
+    Returns:
+        ``model`` itself, each wrapper replaced by a plain ``nn.Linear`` holding ``W + (alpha / r) B A``
+        and ``model.lora_config`` removed. The new layers' ``requires_grad`` is True.
+    """
     for name, module in lora_modules(model):
         _set_submodule(model, name, module.merge())
     if hasattr(model, "lora_config"):
@@ -124,7 +160,16 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """``model.state_dict()`` with every adapter folded into a plain ``<module>.weight``; the model
-    itself is not changed."""
+    itself is not changed.
+
+    Args:
+        model: any model; without adapters this is just its ``state_dict()``.
+
+    Returns:
+        A new dict: the ``base_layer`` / ``lora_A`` / ``lora_B`` keys of each adapted layer replaced
+        by ``<module>.weight`` (``W + (alpha / r) B A``, computed without grad) and ``<module>.bias``;
+        the keys a plain, unadapted model would have (what ``save_pretrained`` writes).
+    """
     sd = dict(model.state_dict())
     for name, module in lora_modules(model):
         for key in ("base_layer.weight", "base_layer.bias", "lora_A.weight", "lora_B.weight"):
@@ -137,7 +182,18 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the adapter weights, under PEFT's key names."""
+    """Only the adapter weights, under PEFT's key names.
+
+    Args:
+        model: a model with :class:`LoRALinear` layers.
+
+    Returns:
+        ``{"base_model.model.<module>.lora_A.weight": [r, in], "...lora_B.weight": [out, r]}``,
+        the tensors detached (shared with the model, not copied).
+
+    Raises:
+        ValueError: the model has no adapters.
+    """
     out = {}
     for name, module in lora_modules(model):
         out[f"{_PEFT_PREFIX}{name}.lora_A.weight"] = module.lora_A.weight.detach()
@@ -148,7 +204,13 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_lora(model: nn.Module, path) -> None:
-    """Write the adapters alone (PEFT format) to directory ``path``."""
+    """Write the adapters alone (PEFT format) to directory ``path``.
+
+    Args:
+        model: a model with :class:`LoRALinear` layers.
+        path: directory (``str`` or ``Path``), created if missing; receives ``adapter_config.json``
+            (from ``model.lora_config``, or inferred from the layers) and ``adapter_model.safetensors``.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -165,7 +227,24 @@ def save_lora(model: nn.Module, path) -> None:
 
 
 def load_lora(model: nn.Module, path, *, freeze_base: bool = True) -> nn.Module:
-    """Add the adapters saved in directory ``path`` (ours or PEFT's) to ``model`` (in place)."""
+    """Add the adapters saved in directory ``path`` (ours or PEFT's) to ``model`` (in place).
+
+    Args:
+        model: the base model. Without adapters, :func:`apply_lora` is called with the saved
+            ``r``, ``lora_alpha``, ``lora_dropout`` and ``target_modules``; with adapters, they must
+            have the saved ``r`` and ``alpha`` and are overwritten.
+        path: directory (``str`` or ``Path``) holding ``adapter_config.json`` and
+            ``adapter_model.safetensors``.
+        freeze_base: passed to :func:`apply_lora` when the adapters are created here.
+
+    Returns:
+        ``model`` itself.
+
+    Raises:
+        FileNotFoundError: no ``adapter_config.json`` in ``path``.
+        ValueError: not a plain LoRA adapter (DoRA, rsLoRA, per-module ranks, bias, a regex
+            ``target_modules``...), or the saved weights do not match the model's modules/shapes.
+    """
     from safetensors.torch import load_file
 
     path = Path(path)

@@ -110,7 +110,21 @@ def discounted_returns(
     impl: Impl = "auto",
 ) -> torch.Tensor:
     """Discounted returns ``R_t = r_t + gamma * (1 - done_t) * R_{next valid step}`` (REINFORCE,
-    REINFORCE++), ``[B, T] -> [B, T]``, 0 at invalid steps. Masks and dones as in :func:`gae`."""
+    REINFORCE++), ``[B, T] -> [B, T]``, 0 at invalid steps. Masks and dones as in :func:`gae`.
+
+    Args:
+        rewards: ``[B, T]`` float. Per-step rewards (not differentiable).
+        mask: ``[B, T]`` bool (or 0/1 numbers), valid steps; invalid steps are skipped by the
+            recurrence and get 0. Default: all valid.
+        dones: ``[B, T]`` bool (or 0/1), episode ends after step t (nothing flows back across).
+            Default: none.
+        gamma: discount in [0, 1].
+        impl: ``"auto"`` (kernel when available), ``"kernel"`` or ``"reference"``.
+
+    Returns:
+        ``[B, T]`` returns in ``rewards``' dtype, 0 at invalid steps (no bootstrap after a row's
+        last valid step: GAE with zero values and ``lam = 1``).
+    """
     op = "discounted_returns"
     check_tensor(op, "rewards", rewards, ndim=2)
     mask = as_bool_mask(op, "mask", mask, "rewards", rewards)
@@ -123,7 +137,12 @@ def discounted_returns(
 
 
 class GAE(nn.Module):
-    """Module face of :func:`gae` holding ``gamma`` and ``lam``."""
+    """Module face of :func:`gae` holding ``gamma`` and ``lam``:
+    ``forward(rewards, values, mask=None, dones=None, last_values=None) -> GAEOutput``.
+
+    Args:
+        gamma, lam, impl: as in :func:`gae`.
+    """
 
     def __init__(self, gamma: float = 1.0, lam: float = 0.95, impl: Impl = "auto"):
         super().__init__()

@@ -33,7 +33,22 @@ def group_advantages(
     eps: float = 1e-6,
     impl: Impl = "auto",
 ) -> torch.Tensor:
-    """``scores [N] -> advantages [N]`` with consecutive groups of ``group_size``."""
+    """``scores [N] -> advantages [N]`` with consecutive groups of ``group_size``.
+
+    Args:
+        scores: ``[N]`` float, one score per sampled sequence, ``N = n_groups * group_size`` with
+            each group's samples consecutive (not differentiable).
+        group_size: samples per prompt (a positive int dividing ``N``).
+        normalize: ``"std"`` divides by the group's unbiased std plus ``eps`` (GRPO); ``"none"``
+            only subtracts the baseline (Dr. GRPO, RLOO).
+        leave_one_out: baseline is the mean of the *other* samples in the group (RLOO; needs
+            ``group_size >= 2``) instead of the whole group's mean.
+        eps: added to the std before dividing (>= 0); used only with ``normalize="std"``.
+        impl: ``"auto"`` (kernel when available), ``"kernel"`` or ``"reference"``.
+
+    Returns:
+        ``[N]`` advantages in ``scores``' dtype, in the same order as ``scores``.
+    """
     op = "group_advantages"
     check_tensor(op, "scores", scores, ndim=1)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -59,7 +74,11 @@ def group_advantages(
 
 
 class GroupAdvantages(nn.Module):
-    """Module face of :func:`group_advantages`."""
+    """Module face of :func:`group_advantages`: ``forward(scores) -> advantages``.
+
+    Args:
+        group_size, normalize, leave_one_out, eps, impl: as in :func:`group_advantages`.
+    """
 
     def __init__(self, group_size: int, normalize: Literal["std", "none"] = "std",
                  leave_one_out: bool = False, eps: float = 1e-6, impl: Impl = "auto"):

@@ -44,7 +44,25 @@ def linear_token_logprobs(
     """``hidden [..., H]``, ``weight [V, H]`` (``nn.Linear`` layout), ``tokens [...]`` ->
     ``logprobs [...]`` (and ``entropy [...]``) in fp32 (fp64 for fp64), differentiable w.r.t.
     ``hidden``, ``weight`` and ``bias``. Same semantics as
-    ``token_logprobs(hidden @ weight.T + bias, tokens)``."""
+    ``token_logprobs(hidden @ weight.T + bias, tokens)``.
+
+    Args:
+        hidden: ``[..., H]`` float, the last hidden states (differentiable).
+        weight: ``[V, H]`` LM-head weight, same device and dtype as ``hidden`` (differentiable).
+        tokens: ``[...]`` integer (``hidden``'s shape without the last dim), token ids in ``[0, V)``.
+        bias: ``[V]`` LM-head bias, same dtype as ``hidden`` (differentiable). Default: none.
+        temperature: finite, > 0; the logits are divided by it before the softmax.
+        return_entropy: also return the per-position entropy of the tempered softmax.
+        chunk_size: tokens per chunk (a positive int); None: the implementation's default (512
+            tokens for the CPU fp32/fp64 kernel, about 2^23 logits elsewhere). Trades memory for
+            speed, never the result's semantics.
+        impl: ``"auto"`` (kernel when available), ``"kernel"`` or ``"reference"`` (materializes
+            the logits).
+
+    Returns:
+        ``logprobs [...]``, or ``(logprobs, entropy)`` when ``return_entropy``; fp32 (fp64 for
+        fp64 inputs).
+    """
     op = "linear_token_logprobs"
     tokens = check_lm_head(op, hidden, weight, tokens, bias)
     temperature = check_temperature(op, temperature)
@@ -62,7 +80,14 @@ def linear_token_logprobs(
 
 class LinearTokenLogprobs(nn.Module):
     """An LM head (``nn.Linear(H, V)`` parameters) that returns token log-probs instead of
-    logits: ``forward(hidden, tokens)``."""
+    logits: ``forward(hidden, tokens)``.
+
+    Args:
+        hidden_size: ``H``, the input (hidden state) size.
+        vocab_size: ``V``, the number of tokens.
+        bias: whether the head has a ``[V]`` bias.
+        temperature, return_entropy, chunk_size, impl: as in :func:`linear_token_logprobs`.
+    """
 
     def __init__(self, hidden_size: int, vocab_size: int, bias: bool = False, temperature: float = 1.0,
                  return_entropy: bool = False, chunk_size: int | None = None, impl: Impl = "auto"):

@@ -92,7 +92,31 @@ def linear_token_loss(
     when ``loss_fn`` is a sum over rows (see the module doc); the gradients of ``hidden``,
     ``weight`` and ``bias`` are computed during the forward when they require grad.
     ``impl="reference"`` materializes the logits and calls ``loss_fn`` once (plain autograd:
-    no checks on what ``loss_fn`` uses, backward as often as wanted)."""
+    no checks on what ``loss_fn`` uses, backward as often as wanted).
+
+    Args:
+        hidden: ``[R, ..., H]`` float (at least 2 dims), the last hidden states; chunks are slices
+            of the first dim. Gets a gradient when it requires grad.
+        weight: ``[V, H]`` LM-head weight, same device and dtype as ``hidden``.
+        tokens: ``[R, ...]`` integer (``hidden``'s shape without the last dim), token ids in
+            ``[0, V)``.
+        loss_fn: ``(logprobs [r, ...], entropy [r, ...], rows: slice) -> loss []``, a 0-dim float
+            tensor; ``rows`` is the chunk's slice of the first dim, to index per-row constants
+            (old log-probs, advantages, masks). Must be a sum over rows (see the module doc); on
+            the fused path every other tensor it uses must not require grad.
+        bias: ``[V]`` LM-head bias, same dtype as ``hidden``. Default: none.
+        temperature: finite, > 0; the logits are divided by it before the softmax.
+        chunk_rows: rows of the first dim per chunk (a positive int); None: about 2^24 logits per
+            chunk, at least one row.
+        impl: ``"auto"`` (the fused chunked path when the extension supports the device and
+            dtype, else the reference), ``"kernel"`` or ``"reference"``.
+
+    Returns:
+        ``LinearTokenLossOutput(loss, logprobs, entropy)``: ``loss []`` (the sum of ``loss_fn``
+        over chunks, differentiable w.r.t. ``hidden``, ``weight`` and ``bias``; on the fused path
+        its backward runs once), and the detached ``[R, ...]`` log-probs and entropies in fp32
+        (fp64 for fp64), for logging.
+    """
     op = "linear_token_loss"
     tokens = check_lm_head(op, hidden, weight, tokens, bias)
     if hidden.dim() < 2:

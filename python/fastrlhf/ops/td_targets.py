@@ -41,7 +41,24 @@ def td_targets(
     next_actions: torch.Tensor | None = None,
     impl: Impl = "auto",
 ) -> torch.Tensor:
-    """TD targets ``[...]`` from rewards ``[...]`` and next-state Q values ``[..., A]``."""
+    """TD targets ``[...]`` from rewards ``[...]`` and next-state Q values ``[..., A]``.
+
+    Args:
+        rewards: ``[...]`` float (``next_q``'s shape without the last dim), the step rewards.
+        next_q: ``[..., A]`` float, Q values of the next state for each of the ``A`` actions.
+            Not read at done steps.
+        dones: ``[...]`` bool (or 0/1), episode ends after this step: the target is ``r`` (no
+            bootstrap). Default: none.
+        gamma: discount in [0, 1] (keyword, required).
+        method: ``"q_learning"`` bootstraps from ``max_a' Q(s', a')``; ``"sarsa"`` from
+            ``Q(s', next_actions)``.
+        next_actions: ``[...]`` integer, the action taken in the next state, in ``[0, A)``;
+            required with ``method="sarsa"``, refused with ``"q_learning"``.
+        impl: ``"auto"`` (kernel when available), ``"kernel"`` or ``"reference"``.
+
+    Returns:
+        ``[...]`` targets in ``next_q``'s dtype (not differentiable).
+    """
     op = "td_targets"
     check_tensor(op, "next_q", next_q)
     if next_q.dim() < 1 or next_q.shape[-1] < 1:
@@ -77,7 +94,19 @@ def q_update(
     """Returns a copy of ``q [..., A]`` with ``Q[..., a] += alpha * (target - Q[..., a])`` for the
     taken ``actions [...]`` and ``targets [...]`` (e.g. from :func:`td_targets`). For a full table
     ``Q[S, A]``, pass ``Q[states]`` and write the result back with ``Q[states] = ...`` (states
-    distinct) or apply updates sequentially."""
+    distinct) or apply updates sequentially.
+
+    Args:
+        q: ``[..., A]`` float, current Q values (not modified).
+        actions: ``[...]`` integer, the action taken at each row, in ``[0, A)``.
+        targets: ``[...]`` float, the regression targets ``y`` (cast to ``q``'s dtype).
+        alpha: learning rate in [0, 1] (keyword, required); 0 leaves ``q`` unchanged, 1 sets
+            ``Q[..., a] = target``.
+        impl: ``"auto"`` (kernel when available), ``"kernel"`` or ``"reference"``.
+
+    Returns:
+        The updated copy of ``q``, same shape and dtype; only the taken actions' entries change.
+    """
     op = "q_update"
     check_tensor(op, "q", q)
     if q.dim() < 1 or q.shape[-1] < 1:

@@ -35,6 +35,19 @@ def token_logprobs(
     ``return_entropy``), differentiable w.r.t. ``logits``.
 
     For a causal LM, shift first: ``token_logprobs(logits[:, :-1], input_ids[:, 1:])``.
+
+    Args:
+        logits: ``[..., V]`` float (fp32, fp64, fp16 or bf16), unnormalized scores over a
+            vocabulary of ``V``; differentiable.
+        tokens: ``[...]`` integer (``logits``' shape without the last dim), the chosen token ids
+            in ``[0, V)``.
+        temperature: finite, > 0; the logits are divided by it before the softmax.
+        return_entropy: also return the per-position entropy of ``softmax(logits / temperature)``.
+        impl: ``"auto"`` (kernel when available), ``"kernel"`` or ``"reference"``.
+
+    Returns:
+        ``logprobs [...]``, or ``(logprobs, entropy)`` when ``return_entropy``; fp32 (fp64 for
+        fp64 logits) whatever the logits dtype, both differentiable w.r.t. ``logits``.
     """
     op = "token_logprobs"
     check_tensor(op, "logits", logits)
@@ -52,7 +65,12 @@ def token_logprobs(
 
 
 class TokenLogprobs(nn.Module):
-    """Module face of :func:`token_logprobs`."""
+    """Module face of :func:`token_logprobs`: ``forward(logits, tokens) -> logprobs`` (or
+    ``(logprobs, entropy)``).
+
+    Args:
+        temperature, return_entropy, impl: as in :func:`token_logprobs`.
+    """
 
     def __init__(self, temperature: float = 1.0, return_entropy: bool = False, impl: Impl = "auto"):
         super().__init__()

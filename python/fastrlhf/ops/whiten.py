@@ -27,7 +27,23 @@ def whiten(
     eps: float = 1e-8,
     impl: Impl = "auto",
 ) -> torch.Tensor:
-    """``x [...]`` (``mask`` bool of x's shape) ``-> whitened [...]`` in x's dtype."""
+    """``x [...]`` (``mask`` bool of x's shape) ``-> whitened [...]`` in x's dtype.
+
+    Args:
+        x: float tensor of any shape (e.g. ``[B, T]`` advantages); differentiable.
+        mask: bool (or 0/1 numbers) of ``x``'s shape, the valid elements that enter the statistics.
+            Default: all valid.
+        shift_mean: if True the output has mean 0; if False the mean is added back after scaling
+            (only the variance is normalized).
+        unbiased: Bessel's correction (``n - 1``) in the variance (TRL, verl); False divides by
+            ``n`` (OpenRLHF).
+        eps: added to the variance before the square root (>= 0).
+        impl: ``"auto"`` (kernel when available), ``"kernel"`` or ``"reference"``.
+
+    Returns:
+        ``x``'s shape and dtype: ``(x - mean) / sqrt(var + eps)`` at valid elements, 0 at masked
+        ones. Statistics accumulate in fp32 (fp64 for fp64).
+    """
     op = "whiten"
     check_tensor(op, "x", x)
     mask = as_bool_mask(op, "mask", mask, "x", x)
@@ -39,7 +55,11 @@ def whiten(
 
 
 class Whiten(nn.Module):
-    """Module face of :func:`whiten`."""
+    """Module face of :func:`whiten`: ``forward(x, mask=None) -> whitened``.
+
+    Args:
+        shift_mean, unbiased, eps, impl: as in :func:`whiten`.
+    """
 
     def __init__(self, shift_mean: bool = True, unbiased: bool = True, eps: float = 1e-8,
                  impl: Impl = "auto"):
