@@ -476,3 +476,22 @@ def test_policy_loss_kernel_op_rejects_bad_arguments_directly():
         op(*base[:3], base[3].float(), *base[4:])
 
 
+
+
+@pytest.mark.parametrize("value", [0.5, 2.0, -1.0])
+def test_fractional_masks_are_refused_not_read_as_true(value):
+    """A mask marks valid tokens; a weight such as 0.5 was silently treated as True."""
+    inp = _p()
+    mask = inp["mask"].double()
+    mask[0, 1] = value
+    with pytest.raises(ValueError, match=f"mask must hold only 0 and 1 .*found {value}"):
+        policy_loss(inp["logprobs"], inp["old_logprobs"], inp["advantages"], mask)
+    with pytest.raises(ValueError, match="mask must hold only 0 and 1"):
+        value_loss(inp["logprobs"], inp["old_logprobs"], inp["advantages"], mask)
+    int_mask = inp["mask"].long()
+    int_mask[0, 1] = 2
+    with pytest.raises(ValueError, match="found 2"):
+        policy_loss(inp["logprobs"], inp["old_logprobs"], inp["advantages"], int_mask)
+    ok = inp["mask"].double()  # 0.0 / 1.0 numbers are fine
+    torch.testing.assert_close(policy_loss(inp["logprobs"], inp["old_logprobs"], inp["advantages"], ok)[0],
+                               policy_loss(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"])[0])
