@@ -97,3 +97,23 @@ def test_lora_errors(tmp_path):
         (tmp_path / "adapter_config.json").write_text(json.dumps({**cfg, key: value}))
         with pytest.raises(ValueError, match="plain LoRA|pattern"):
             load_lora(tiny_model(), tmp_path)
+
+
+def test_lora_disabled_is_the_base_model(batch):
+    """The reference policy of LoRA RLHF: adapters off gives the base weights' outputs exactly
+    (forward, fused log-probs and the LM-head weight), and the adapters come back after."""
+    from fastrlhf.models import lora_disabled
+
+    ids, mask = batch
+    base = tiny_model()
+    m = apply_lora(tiny_model(), r=4, alpha=8, target_modules=("q_proj", "v_proj", "down_proj"))
+    m.lm_head = LoRALinear(m.lm_head, 4, 8)
+    train_a_bit(m, ids, mask)
+    with torch.no_grad():
+        tuned = m(ids, mask)
+        assert not torch.allclose(tuned, base(ids, mask))
+        with lora_disabled(m):
+            torch.testing.assert_close(m(ids, mask), base(ids, mask), rtol=0, atol=0)
+            torch.testing.assert_close(m.token_logprobs(ids, mask), base.token_logprobs(ids, mask), rtol=0, atol=0)
+            assert m.lm_head_weight() is m.lm_head.base_layer.weight
+        torch.testing.assert_close(m(ids, mask), tuned, rtol=0, atol=0)

@@ -6,7 +6,15 @@ from fastrlhf.models.cache import KVCache
 from fastrlhf.models.config import MODEL_TYPES, CausalLMConfig
 from fastrlhf.models.heads import PolicyWithValue, RewardModel, ValueHead, ValueModel, last_token_index
 from fastrlhf.models.llama import CausalLM, LlamaTrunk, RMSNorm
-from fastrlhf.models.lora import LoRALinear, apply_lora, load_lora, merge_lora, merged_state_dict, save_lora
+from fastrlhf.models.lora import (
+    LoRALinear,
+    apply_lora,
+    load_lora,
+    lora_disabled,
+    merge_lora,
+    merged_state_dict,
+    save_lora,
+)
 from fastrlhf.models.tokenizer import Tokenizer
 
 __all__ = [
@@ -23,6 +31,7 @@ __all__ = [
     "last_token_index",
     "LoRALinear",
     "apply_lora",
+    "lora_disabled",
     "merge_lora",
     "merged_state_dict",
     "save_lora",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -46,6 +47,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False  # lora_disabled(): the base layer alone (a reference policy without a weight copy)
         base.requires_grad_(False)
 
     @property
@@ -69,10 +71,15 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def merged_weight(self) -> torch.Tensor:
-        """``W + scaling * B @ A`` in W's dtype (differentiable w.r.t. the adapters)."""
+        """``W + scaling * B @ A`` in W's dtype (differentiable w.r.t. the adapters); ``W`` alone
+        while disabled."""
+        if self.disabled:
+            return self.base_layer.weight
         return self.base_layer.weight + self.delta_weight().to(self.base_layer.weight.dtype)
 
     def forward(self, x):
+        if self.disabled:
+            return self.base_layer(x)
         return self.base_layer(x) + self.lora_B(self.lora_A(self.dropout(x))) * self.scaling
 
     def merge(self) -> nn.Linear:
@@ -139,6 +146,25 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16.0, dropout: fl
 
 def lora_modules(model: nn.Module):
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@contextmanager
+def lora_disabled(model: nn.Module):
+    """Within the block every adapter of ``model`` is off: the model computes its base weights'
+    function (the reference policy of RLHF with LoRA, with no second copy of the weights).
+
+    Args:
+        model: a model with :class:`LoRALinear` modules (without any, the block changes nothing).
+    """
+    mods = [m for _, m in lora_modules(model)]
+    before = [m.disabled for m in mods]
+    for m in mods:
+        m.disabled = True
+    try:
+        yield model
+    finally:
+        for m, b in zip(mods, before):
+            m.disabled = b
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
