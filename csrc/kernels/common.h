@@ -44,8 +44,16 @@ FRL_HD A sqrt_acc(A x) {
 struct bf16_t { uint16_t bits; };
 struct fp16_t { uint16_t bits; };
 
-inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 
 inline float to_float(bf16_t x) { return bits_to_float(uint32_t(x.bits) << 16); }
 inline bf16_t to_bf16(float f) {

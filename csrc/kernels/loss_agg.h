@@ -49,16 +49,15 @@ FRL_HD double row_weight_of(const Config& c, double len, const BatchCounts& n) {
 // From per-row partials (row b at partials + b * stride, its valid-token count at len_index):
 // the batch counts, and each row's token weight written to row_weight[b].
 template <typename A>
-FRL_HD BatchCounts weigh_rows(const Config& c, const double* partials, int64_t B, int stride, int len_index,
-                              A* row_weight) {
+FRL_HD BatchCounts weigh_rows(const Config& c, const double* partials, int64_t B, int stride,
+                                                   int len_index, A* row_weight) {
   BatchCounts n{0, 0};
   for (int64_t b = 0; b < B; ++b) {
     const double len = partials[b * stride + len_index];
     n.n_tok += len;
     n.n_seq += len > 0 ? 1 : 0;
   }
-  for (int64_t b = 0; b < B; ++b)
-    row_weight[b] = A(row_weight_of(c, partials[b * stride + len_index], n));
+  for (int64_t b = 0; b < B; ++b) row_weight[b] = A(row_weight_of(c, partials[b * stride + len_index], n));
   return n;
 }
 

@@ -36,8 +36,17 @@ enum Partial : int {
 
 // Stats vector returned by the op (all fp32/fp64 scalars, token means over valid tokens).
 enum Stat : int {
-  kStatPgLoss = 0, kStatKl, kStatEntropy, kStatClipFrac, kStatClipFracLow, kStatClipFracHigh,
-  kStatDualClipFrac, kStatApproxKl, kStatRatioMean, kStatRatioMax, kNumStats
+  kStatPgLoss = 0,
+  kStatKl,
+  kStatEntropy,
+  kStatClipFrac,
+  kStatClipFracLow,
+  kStatClipFracHigh,
+  kStatDualClipFrac,
+  kStatApproxKl,
+  kStatRatioMean,
+  kStatRatioMax,
+  kNumStats
 };
 
 struct Params {
@@ -157,7 +166,8 @@ FRL_HD void write_outputs(const Params& p, const double* t, double ratio_max, do
 template <typename A>
 FRL_HD void finalize(const Params& p) {
   const double* part = p.partials;
-  const loss_agg::BatchCounts n = loss_agg::weigh_rows(p.agg, part, p.B, kNumPartials, kLen, static_cast<A*>(p.row_weight));
+  const loss_agg::BatchCounts n = loss_agg::weigh_rows(p.agg, part, p.B, kNumPartials, kLen,
+                                                       static_cast<A*>(p.row_weight));
   double t[kNumTerms] = {}, rt[kNumTerms];
   double ratio_max = -HUGE_VAL;
   for (int64_t b = 0; b < p.B; ++b) {

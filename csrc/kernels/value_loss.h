@@ -102,7 +102,8 @@ FRL_HD void write_outputs(const Params& p, const double* t, double c_r, double n
 template <typename A>
 FRL_HD void finalize(const Params& p) {
   const double* part = p.partials;
-  const loss_agg::BatchCounts n = loss_agg::weigh_rows(p.agg, part, p.B, kNumPartials, kLen, static_cast<A*>(p.row_weight));
+  const loss_agg::BatchCounts n = loss_agg::weigh_rows(p.agg, part, p.B, kNumPartials, kLen,
+                                                       static_cast<A*>(p.row_weight));
   double c_r = 0, c_res = 0;
   for (int64_t b = 0; b < p.B; ++b) {
     if (part[b * kNumPartials + kLen] > 0) {

@@ -37,10 +37,10 @@ inline GaeCall prepare_gae(const Tensor& rewards, const std::optional<Tensor>& v
   p.mask = bool_ptr(mask, c.mask, rewards, "mask", "rewards");
   p.dones = bool_ptr(dones, c.dones, rewards, "dones", "rewards");
   if (last_values.has_value()) {
-    TORCH_CHECK(last_values->dim() == 1 && last_values->size(0) == p.B,
-                "fastrlhf: last_values must be [B] = [", p.B, "], got ", last_values->sizes());
-    TORCH_CHECK(last_values->device() == rewards.device(), "fastrlhf: last_values must be on ",
-                rewards.device(), ", got ", last_values->device());
+    TORCH_CHECK(last_values->dim() == 1 && last_values->size(0) == p.B, "fastrlhf: last_values must be [B] = [", p.B,
+                "], got ", last_values->sizes());
+    TORCH_CHECK(last_values->device() == rewards.device(), "fastrlhf: last_values must be on ", rewards.device(),
+                ", got ", last_values->device());
     check_dtype(*last_values, rewards.scalar_type(), "last_values");
     c.last_values = last_values->contiguous();
     p.last_values = c.last_values.const_data_ptr();

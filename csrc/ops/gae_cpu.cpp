@@ -4,11 +4,9 @@
 namespace fastrlhf::ops {
 namespace {
 
-std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards, const Tensor& values,
-                                   const std::optional<Tensor>& mask,
-                                   const std::optional<Tensor>& dones,
-                                   const std::optional<Tensor>& last_values, double gamma,
-                                   double lam) {
+std::tuple<Tensor, Tensor> gae_cpu(const Tensor& rewards, const Tensor& values, const std::optional<Tensor>& mask,
+                                   const std::optional<Tensor>& dones, const std::optional<Tensor>& last_values,
+                                   double gamma, double lam) {
   GaeCall c = prepare_gae(rewards, values, mask, dones, last_values, gamma, lam);
   check_status(k::gae::launch_cpu(c.params, c.dtype, torch_parallel_for()), "gae");
   return {c.advantages, c.returns};

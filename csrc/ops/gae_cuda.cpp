@@ -5,11 +5,9 @@
 namespace fastrlhf::ops {
 namespace {
 
-std::tuple<Tensor, Tensor> gae_cuda(const Tensor& rewards, const Tensor& values,
-                                    const std::optional<Tensor>& mask,
-                                    const std::optional<Tensor>& dones,
-                                    const std::optional<Tensor>& last_values, double gamma,
-                                    double lam) {
+std::tuple<Tensor, Tensor> gae_cuda(const Tensor& rewards, const Tensor& values, const std::optional<Tensor>& mask,
+                                    const std::optional<Tensor>& dones, const std::optional<Tensor>& last_values,
+                                    double gamma, double lam) {
   CudaContext ctx(rewards);
   GaeCall c = prepare_gae(rewards, values, mask, dones, last_values, gamma, lam);
   check_cuda(k::gae::launch_cuda(c.params, c.dtype, ctx.stream), "gae");

@@ -23,9 +23,9 @@ Triple call_token_logprobs(const Tensor& logits, const Tensor& tokens, double te
 }
 
 // dlogits written over the chunk's logits (one [n, V] buffer per chunk)
-void call_token_logprobs_backward_(const std::optional<Tensor>& g, const std::optional<Tensor>& h,
-                                   const Tensor& logits, const Tensor& tokens, const Tensor& row_stats,
-                                   const Tensor& entropy, double temperature) {
+void call_token_logprobs_backward_(const std::optional<Tensor>& g, const std::optional<Tensor>& h, const Tensor& logits,
+                                   const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
+                                   double temperature) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastrlhf::token_logprobs_backward_", "")
                        .typed<void(const std::optional<Tensor>&, const std::optional<Tensor>&, const Tensor&,
@@ -51,13 +51,13 @@ void check_linear_token_logprobs(const Tensor& hidden, const Tensor& weight, con
               "fastrlhf: weight must be [V, H] with H = ", hidden.size(1), ", got ", weight.sizes());
   check_float(hidden, "hidden");
   check_dtype(weight, hidden.scalar_type(), "weight");
-  TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) == hidden.size(0), "fastrlhf: tokens must be [N] = [",
-              hidden.size(0), "], got ", tokens.sizes());
+  TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) == hidden.size(0), "fastrlhf: tokens must be [N] = [", hidden.size(0),
+              "], got ", tokens.sizes());
   TORCH_CHECK(weight.device() == hidden.device() && tokens.device() == hidden.device(),
               "fastrlhf: hidden, weight and tokens must be on one device");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "fastrlhf: bias must be [V] = [",
-                weight.size(0), "], got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "fastrlhf: bias must be [V] = [", weight.size(0),
+                "], got ", bias->sizes());
     check_dtype(*bias, hidden.scalar_type(), "bias");
     TORCH_CHECK(bias->device() == hidden.device(), "fastrlhf: bias must be on ", hidden.device());
   }
@@ -96,8 +96,10 @@ Triple linear_token_logprobs_backward_composite(const std::optional<Tensor>& gra
   const bool low_precision = hidden.scalar_type() == at::kHalf || hidden.scalar_type() == at::kBFloat16;
   Tensor grad_hidden = at::empty_like(hidden, at::MemoryFormat::Contiguous);
   // grad_weight / grad_bias accumulate over chunks: fp32 for 16-bit weights
-  Tensor grad_weight = at::zeros(weight.sizes(), weight.options().dtype(low_precision ? at::kFloat : weight.scalar_type()));
-  Tensor grad_bias = bias.has_value() ? at::zeros({weight.size(0)}, grad_weight.options()) : at::empty({0}, grad_weight.options());
+  Tensor grad_weight = at::zeros(weight.sizes(),
+                                 weight.options().dtype(low_precision ? at::kFloat : weight.scalar_type()));
+  Tensor grad_bias = bias.has_value() ? at::zeros({weight.size(0)}, grad_weight.options())
+                                      : at::empty({0}, grad_weight.options());
   auto rows = [](const std::optional<Tensor>& t, int64_t i0, int64_t n) -> std::optional<Tensor> {
     if (!t.has_value()) return std::nullopt;
     return t->narrow(0, i0, n);

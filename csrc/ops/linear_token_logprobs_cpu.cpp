@@ -45,18 +45,20 @@ LinearLogprobsOutputs linear_token_logprobs_cpu(const Tensor& hidden, const Tens
   return {logprobs, entropy, row_stats};
 }
 
-LinearLogprobsOutputs linear_token_logprobs_backward_cpu(
-    const std::optional<Tensor>& grad_logprobs, const std::optional<Tensor>& grad_entropy, const Tensor& hidden,
-    const Tensor& weight, const Tensor& tokens, const std::optional<Tensor>& bias, const Tensor& row_stats,
-    const Tensor& entropy, double temperature, int64_t chunk_size) {
+LinearLogprobsOutputs linear_token_logprobs_backward_cpu(const std::optional<Tensor>& grad_logprobs,
+                                                         const std::optional<Tensor>& grad_entropy,
+                                                         const Tensor& hidden, const Tensor& weight,
+                                                         const Tensor& tokens, const std::optional<Tensor>& bias,
+                                                         const Tensor& row_stats, const Tensor& entropy,
+                                                         double temperature, int64_t chunk_size) {
   if (!has_kernel(hidden))
     return linear_token_logprobs_backward_composite(grad_logprobs, grad_entropy, hidden, weight, tokens, bias,
                                                     row_stats, entropy, temperature, chunk_size);
   check_linear_token_logprobs(hidden, weight, tokens, bias, temperature, chunk_size);
   const int64_t N = hidden.size(0);
   const auto dtype = hidden.scalar_type();
-  const BackwardRows rows = prepare_backward_rows(grad_logprobs, grad_entropy, row_stats, entropy, N,
-                                                  hidden.device(), dtype);  // fp32 / fp64: dtype = accumulator
+  const BackwardRows rows = prepare_backward_rows(grad_logprobs, grad_entropy, row_stats, entropy, N, hidden.device(),
+                                                  dtype);  // fp32 / fp64: dtype = accumulator
   const Tensor h = hidden.contiguous(), w = weight.contiguous(), tok = tokens.contiguous();
   Tensor b;
   ltl::BackwardParams p;

@@ -34,15 +34,18 @@ inline KlCall prepare_kl(const Tensor& logprobs, const Tensor& ref, int64_t esti
   c.ref = bt_like(ref, logprobs, "ref_logprobs", "logprobs");
   if (grad.has_value()) c.grad = bt_like(*grad, logprobs, "grad", "logprobs");
   c.out = at::empty_like(c.logprobs);
-  c.params = {c.logprobs.const_data_ptr(), c.ref.const_data_ptr(), c.out.data_ptr(), opt_ptr(c.grad),
-              logprobs.numel(), static_cast<k::kl_penalty::Estimator>(estimator)};
+  c.params = {c.logprobs.const_data_ptr(),
+              c.ref.const_data_ptr(),
+              c.out.data_ptr(),
+              opt_ptr(c.grad),
+              logprobs.numel(),
+              static_cast<k::kl_penalty::Estimator>(estimator)};
   return c;
 }
 
 inline k::loss_agg::Config agg_config(int64_t agg, double normalizer, double norm_length, int64_t T) {
   TORCH_CHECK(agg >= 0 && agg <= 3, "fastrlhf: aggregation code must be 0..3, got ", agg);
-  return k::loss_agg::Config{static_cast<k::loss_agg::Agg>(agg), normalizer,
-                             norm_length > 0 ? norm_length : double(T)};
+  return k::loss_agg::Config{static_cast<k::loss_agg::Agg>(agg), normalizer, norm_length > 0 ? norm_length : double(T)};
 }
 
 struct PolicyLossCall {
@@ -52,12 +55,10 @@ struct PolicyLossCall {
   k::DType dtype;
 };
 
-inline PolicyLossCall prepare_policy_loss(const Tensor& logprobs, const Tensor& old_logprobs,
-                                          const Tensor& advantages, const Tensor& mask,
-                                          const std::optional<Tensor>& ref_logprobs,
-                                          const std::optional<Tensor>& entropy, double clip_low,
-                                          double clip_high, double dual_clip, double kl_coef,
-                                          int64_t kl_estimator, double entropy_coef) {
+inline PolicyLossCall prepare_policy_loss(const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
+                                          const Tensor& mask, const std::optional<Tensor>& ref_logprobs,
+                                          const std::optional<Tensor>& entropy, double clip_low, double clip_high,
+                                          double dual_clip, double kl_coef, int64_t kl_estimator, double entropy_coef) {
   TORCH_CHECK(logprobs.dim() == 2, "fastrlhf: logprobs must be [B, T], got ", logprobs.sizes());
   check_float(logprobs, "logprobs");
   TORCH_CHECK(kl_estimator >= 0 && kl_estimator <= 3, "fastrlhf: kl estimator code must be 0..3");

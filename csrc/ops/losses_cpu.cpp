@@ -18,11 +18,10 @@ Tensor kl_penalty_backward_cpu(const Tensor& grad, const Tensor& logprobs, const
   return c.out;
 }
 
-Triple policy_loss_cpu(const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
-                       const Tensor& mask, const std::optional<Tensor>& ref_logprobs,
-                       const std::optional<Tensor>& entropy, double clip_low, double clip_high, double dual_clip,
-                       double kl_coef, int64_t kl_estimator, double entropy_coef, int64_t agg, double normalizer,
-                       double norm_length) {
+Triple policy_loss_cpu(const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages, const Tensor& mask,
+                       const std::optional<Tensor>& ref_logprobs, const std::optional<Tensor>& entropy, double clip_low,
+                       double clip_high, double dual_clip, double kl_coef, int64_t kl_estimator, double entropy_coef,
+                       int64_t agg, double normalizer, double norm_length) {
   auto c = prepare_policy_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs, entropy, clip_low, clip_high,
                                dual_clip, kl_coef, kl_estimator, entropy_coef);
   alloc_policy_forward(c, agg, normalizer, norm_length);
@@ -30,11 +29,12 @@ Triple policy_loss_cpu(const Tensor& logprobs, const Tensor& old_logprobs, const
   return {c.loss, c.stats, c.row_weight};
 }
 
-std::tuple<Tensor, Tensor> policy_loss_backward_cpu(
-    const Tensor& grad_loss, const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
-    const Tensor& mask, const std::optional<Tensor>& ref_logprobs, const Tensor& row_weight, double clip_low,
-    double clip_high, double dual_clip, double kl_coef, int64_t kl_estimator, double entropy_coef,
-    bool has_entropy) {
+std::tuple<Tensor, Tensor> policy_loss_backward_cpu(const Tensor& grad_loss, const Tensor& logprobs,
+                                                    const Tensor& old_logprobs, const Tensor& advantages,
+                                                    const Tensor& mask, const std::optional<Tensor>& ref_logprobs,
+                                                    const Tensor& row_weight, double clip_low, double clip_high,
+                                                    double dual_clip, double kl_coef, int64_t kl_estimator,
+                                                    double entropy_coef, bool has_entropy) {
   auto c = prepare_policy_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs, std::nullopt, clip_low,
                                clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef);
   alloc_policy_backward(c, grad_loss, row_weight, has_entropy);

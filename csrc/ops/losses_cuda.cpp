@@ -34,11 +34,12 @@ Triple policy_loss_cuda(const Tensor& logprobs, const Tensor& old_logprobs, cons
   return {c.loss, c.stats, c.row_weight};
 }
 
-std::tuple<Tensor, Tensor> policy_loss_backward_cuda(
-    const Tensor& grad_loss, const Tensor& logprobs, const Tensor& old_logprobs, const Tensor& advantages,
-    const Tensor& mask, const std::optional<Tensor>& ref_logprobs, const Tensor& row_weight, double clip_low,
-    double clip_high, double dual_clip, double kl_coef, int64_t kl_estimator, double entropy_coef,
-    bool has_entropy) {
+std::tuple<Tensor, Tensor> policy_loss_backward_cuda(const Tensor& grad_loss, const Tensor& logprobs,
+                                                     const Tensor& old_logprobs, const Tensor& advantages,
+                                                     const Tensor& mask, const std::optional<Tensor>& ref_logprobs,
+                                                     const Tensor& row_weight, double clip_low, double clip_high,
+                                                     double dual_clip, double kl_coef, int64_t kl_estimator,
+                                                     double entropy_coef, bool has_entropy) {
   CudaContext ctx(logprobs);
   auto c = prepare_policy_loss(logprobs, old_logprobs, advantages, mask, ref_logprobs, std::nullopt, clip_low,
                                clip_high, dual_clip, kl_coef, kl_estimator, entropy_coef);

@@ -90,38 +90,41 @@ namespace py = pybind11;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastrlhf compiled kernels (ops are registered under torch.ops.fastrlhf)";
-  m.def("build_info", []() {
-    py::dict info;
+  m.def(
+      "build_info",
+      []() {
+        py::dict info;
 #if defined(FASTRLHF_WITH_CUDA)
-    info["with_cuda"] = true;
-    info["cuda_version"] = FASTRLHF_CUDA_VERSION;
-    info["cuda_archs"] = FASTRLHF_CUDA_ARCHS;
+        info["with_cuda"] = true;
+        info["cuda_version"] = FASTRLHF_CUDA_VERSION;
+        info["cuda_archs"] = FASTRLHF_CUDA_ARCHS;
 #else
-    info["with_cuda"] = false;
-    info["cuda_version"] = py::none();
-    info["cuda_archs"] = "";
+        info["with_cuda"] = false;
+        info["cuda_version"] = py::none();
+        info["cuda_archs"] = "";
 #endif
-    info["torch_version"] = FASTRLHF_TORCH_VERSION;
+        info["torch_version"] = FASTRLHF_TORCH_VERSION;
 #if defined(FASTRLHF_CPU_ARCH)
-    info["cpu_arch"] = FASTRLHF_CPU_ARCH;
+        info["cpu_arch"] = FASTRLHF_CPU_ARCH;
 #else
-    info["cpu_arch"] = "";
+        info["cpu_arch"] = "";
 #endif
-    py::list features;
+        py::list features;
 #if defined(__AVX2__)
-    features.append("avx2");
+        features.append("avx2");
 #endif
 #if defined(__FMA__)
-    features.append("fma");
+        features.append("fma");
 #endif
 #if defined(__AVX512F__)
-    features.append("avx512f");
+        features.append("avx512f");
 #endif
 #if defined(__ARM_NEON)
-    features.append("neon");
+        features.append("neon");
 #endif
-    info["cpu_features"] = features;
-    info["compiler"] = __VERSION__;
-    return info;
-  }, "Dict describing how this extension was built (CUDA, archs, torch version, CPU features).");
+        info["cpu_features"] = features;
+        info["compiler"] = __VERSION__;
+        return info;
+      },
+      "Dict describing how this extension was built (CUDA, archs, torch version, CPU features).");
 }

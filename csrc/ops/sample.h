@@ -19,8 +19,8 @@ k::sample::RowParam<T> row_param(SampleCall& c, const std::optional<Tensor>& t, 
   k::sample::RowParam<T> rp{nullptr, T(val)};
   if (!t.has_value()) return rp;
   const auto want = std::is_same_v<T, int64_t> ? at::kLong : at::kFloat;
-  TORCH_CHECK(t->dim() == 1 && t->size(0) == c.params.B, "fastrlhf: ", name, " must be a scalar or [B] = [",
-              c.params.B, "], got ", t->sizes());
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == c.params.B, "fastrlhf: ", name, " must be a scalar or [B] = [", c.params.B,
+              "], got ", t->sizes());
   TORCH_CHECK(t->device() == c.logits.device(), "fastrlhf: ", name, " must be on ", c.logits.device());
   c.holders.push_back(t->to(want).contiguous());
   rp.arr = c.holders.back().const_data_ptr<T>();

@@ -17,7 +17,8 @@ Triple sample_cpu(const Tensor& logits, const std::optional<Tensor>& temperature
                   const std::optional<Tensor>& row_ids) {
   auto c = prepare_sample(logits, temperature, temperature_val, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val,
                           epsilon, epsilon_val, repetition_penalty, repetition_penalty_val, presence_penalty,
-                          presence_penalty_val, frequency_penalty, frequency_penalty_val, token_history, seed, offset, row_ids);
+                          presence_penalty_val, frequency_penalty, frequency_penalty_val, token_history, seed, offset,
+                          row_ids);
   TORCH_CHECK(k::sample::launch_cpu(c.params, c.dtype, torch_parallel_for()) == k::Status::kOk,
               "fastrlhf.sample: logits contain NaN");
   return {c.tokens, c.logprobs, c.raw_logprobs};

@@ -15,11 +15,12 @@ Triple sample_cuda(const Tensor& logits, const std::optional<Tensor>& temperatur
                    const std::optional<Tensor>& presence_penalty, double presence_penalty_val,
                    const std::optional<Tensor>& frequency_penalty, double frequency_penalty_val,
                    const std::optional<Tensor>& token_history, int64_t seed, int64_t offset,
-                  const std::optional<Tensor>& row_ids) {
+                   const std::optional<Tensor>& row_ids) {
   CudaContext ctx(logits);
   auto c = prepare_sample(logits, temperature, temperature_val, top_k, top_k_val, top_p, top_p_val, min_p, min_p_val,
                           epsilon, epsilon_val, repetition_penalty, repetition_penalty_val, presence_penalty,
-                          presence_penalty_val, frequency_penalty, frequency_penalty_val, token_history, seed, offset, row_ids);
+                          presence_penalty_val, frequency_penalty, frequency_penalty_val, token_history, seed, offset,
+                          row_ids);
   // [B, V] processed rows, and [B, V] history counts when there is a history
   const int64_t rows = c.params.history ? 2 * c.params.B : c.params.B;
   c.workspace = at::empty({rows, c.params.V}, logits.options().dtype(at::kFloat));

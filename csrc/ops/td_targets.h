@@ -12,12 +12,11 @@ struct TdTargetsCall {
   k::DType dtype;
 };
 
-inline TdTargetsCall prepare_td_targets(const Tensor& rewards, const Tensor& next_q,
-                                        const std::optional<Tensor>& dones,
+inline TdTargetsCall prepare_td_targets(const Tensor& rewards, const Tensor& next_q, const std::optional<Tensor>& dones,
                                         const std::optional<Tensor>& next_actions, double gamma) {
   check_float(next_q, "next_q");
-  TORCH_CHECK(next_q.dim() >= 1 && next_q.size(-1) >= 1,
-              "fastrlhf: next_q must be [..., A] with A >= 1, got ", next_q.sizes());
+  TORCH_CHECK(next_q.dim() >= 1 && next_q.size(-1) >= 1, "fastrlhf: next_q must be [..., A] with A >= 1, got ",
+              next_q.sizes());
   TORCH_CHECK(rewards.sizes() == next_q.sizes().slice(0, next_q.dim() - 1),
               "fastrlhf: rewards must be next_q's shape without the action dim ",
               next_q.sizes().slice(0, next_q.dim() - 1), ", got ", rewards.sizes());
@@ -51,11 +50,9 @@ struct QUpdateCall {
   k::DType dtype;
 };
 
-inline QUpdateCall prepare_q_update(const Tensor& q, const Tensor& actions, const Tensor& targets,
-                                    double alpha) {
+inline QUpdateCall prepare_q_update(const Tensor& q, const Tensor& actions, const Tensor& targets, double alpha) {
   check_float(q, "q");
-  TORCH_CHECK(q.dim() >= 1 && q.size(-1) >= 1, "fastrlhf: q must be [..., A] with A >= 1, got ",
-              q.sizes());
+  TORCH_CHECK(q.dim() >= 1 && q.size(-1) >= 1, "fastrlhf: q must be [..., A] with A >= 1, got ", q.sizes());
   const auto lead = q.sizes().slice(0, q.dim() - 1);
   TORCH_CHECK(actions.sizes() == lead, "fastrlhf: actions must be ", lead, ", got ", actions.sizes());
   TORCH_CHECK(targets.sizes() == lead, "fastrlhf: targets must be ", lead, ", got ", targets.sizes());
@@ -69,8 +66,13 @@ inline QUpdateCall prepare_q_update(const Tensor& q, const Tensor& actions, cons
   c.actions = actions.contiguous();
   c.targets = targets.contiguous();
   c.out = at::empty_like(c.q);
-  c.params = {c.q.const_data_ptr(), c.actions.const_data_ptr<int64_t>(), c.targets.const_data_ptr(),
-              c.out.data_ptr(), actions.numel(), q.size(-1), alpha};
+  c.params = {c.q.const_data_ptr(),
+              c.actions.const_data_ptr<int64_t>(),
+              c.targets.const_data_ptr(),
+              c.out.data_ptr(),
+              actions.numel(),
+              q.size(-1),
+              alpha};
   return c;
 }
 

@@ -14,8 +14,7 @@ Tensor td_targets_cpu(const Tensor& rewards, const Tensor& next_q, const std::op
 
 Tensor q_update_cpu(const Tensor& q, const Tensor& actions, const Tensor& targets, double alpha) {
   auto c = prepare_q_update(q, actions, targets, alpha);
-  TORCH_CHECK(k::td_targets::launch_q_update_cpu(c.params, c.dtype, torch_parallel_for()) ==
-                  k::Status::kOk,
+  TORCH_CHECK(k::td_targets::launch_q_update_cpu(c.params, c.dtype, torch_parallel_for()) == k::Status::kOk,
               "fastrlhf.q_update: actions must be in [0, ", c.params.num_actions, ")");
   return c.out;
 }

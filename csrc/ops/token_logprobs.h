@@ -16,15 +16,14 @@ inline void check_logits_tokens(const Tensor& logits, const Tensor& tokens, doub
   TORCH_CHECK(logits.dim() == 2 && logits.size(1) >= 1, "fastrlhf: logits must be [N, V] with V >= 1, got ",
               logits.sizes());
   check_float(logits, "logits");
-  TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) == logits.size(0), "fastrlhf: tokens must be [N] = [",
-              logits.size(0), "], got ", tokens.sizes());
+  TORCH_CHECK(tokens.dim() == 1 && tokens.size(0) == logits.size(0), "fastrlhf: tokens must be [N] = [", logits.size(0),
+              "], got ", tokens.sizes());
   check_dtype(tokens, at::kLong, "tokens");
   TORCH_CHECK(tokens.device() == logits.device(), "fastrlhf: tokens must be on ", logits.device());
   TORCH_CHECK(temperature > 0, "fastrlhf: temperature must be > 0, got ", temperature);
 }
 
-inline TokenLogprobsCall prepare_token_logprobs(const Tensor& logits, const Tensor& tokens,
-                                                double temperature) {
+inline TokenLogprobsCall prepare_token_logprobs(const Tensor& logits, const Tensor& tokens, double temperature) {
   check_logits_tokens(logits, tokens, temperature);
   TokenLogprobsCall c;
   c.dtype = to_kernel_dtype(logits.scalar_type());
@@ -35,8 +34,14 @@ inline TokenLogprobsCall prepare_token_logprobs(const Tensor& logits, const Tens
   c.logprobs = at::empty({N}, opts);
   c.entropy = at::empty({N}, opts);
   c.row_stats = at::empty({N, 2}, opts);
-  c.params = {c.logits.const_data_ptr(), c.tokens.const_data_ptr<int64_t>(), c.logprobs.data_ptr(),
-              c.entropy.data_ptr(), c.row_stats.data_ptr(), N, logits.size(1), 1.0 / temperature};
+  c.params = {c.logits.const_data_ptr(),
+              c.tokens.const_data_ptr<int64_t>(),
+              c.logprobs.data_ptr(),
+              c.entropy.data_ptr(),
+              c.row_stats.data_ptr(),
+              N,
+              logits.size(1),
+              1.0 / temperature};
   return c;
 }
 
@@ -74,10 +79,11 @@ inline BackwardRows prepare_backward_rows(const std::optional<Tensor>& grad_logp
 }
 
 // in_place: dlogits overwrite logits (token_logprobs_backward_), which must then be contiguous.
-inline TokenLogprobsBackwardCall prepare_token_logprobs_backward(
-    const std::optional<Tensor>& grad_logprobs, const std::optional<Tensor>& grad_entropy,
-    const Tensor& logits, const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
-    double temperature, bool in_place = false) {
+inline TokenLogprobsBackwardCall prepare_token_logprobs_backward(const std::optional<Tensor>& grad_logprobs,
+                                                                 const std::optional<Tensor>& grad_entropy,
+                                                                 const Tensor& logits, const Tensor& tokens,
+                                                                 const Tensor& row_stats, const Tensor& entropy,
+                                                                 double temperature, bool in_place = false) {
   check_logits_tokens(logits, tokens, temperature);
   TORCH_CHECK(!in_place || logits.is_contiguous(), "fastrlhf: token_logprobs_backward_ needs contiguous logits");
   const auto acc = acc_type(logits.scalar_type());
@@ -92,8 +98,13 @@ inline TokenLogprobsBackwardCall prepare_token_logprobs_backward(
   c.grad_logits = in_place ? c.logits : empty_like_output(c.logits);
   c.params = {c.grad_logprobs.defined() ? c.grad_logprobs.const_data_ptr() : nullptr,
               c.grad_entropy.defined() ? c.grad_entropy.const_data_ptr() : nullptr,
-              c.logits.const_data_ptr(), c.tokens.const_data_ptr<int64_t>(), c.row_stats.const_data_ptr(),
-              c.entropy.const_data_ptr(), c.grad_logits.data_ptr(), logits.size(0), logits.size(1),
+              c.logits.const_data_ptr(),
+              c.tokens.const_data_ptr<int64_t>(),
+              c.row_stats.const_data_ptr(),
+              c.entropy.const_data_ptr(),
+              c.grad_logits.data_ptr(),
+              logits.size(0),
+              logits.size(1),
               1.0 / temperature};
   return c;
 }

@@ -4,8 +4,7 @@
 namespace fastrlhf::ops {
 namespace {
 
-std::tuple<Tensor, Tensor, Tensor> token_logprobs_cpu(const Tensor& logits, const Tensor& tokens,
-                                                      double temperature) {
+std::tuple<Tensor, Tensor, Tensor> token_logprobs_cpu(const Tensor& logits, const Tensor& tokens, double temperature) {
   auto c = prepare_token_logprobs(logits, tokens, temperature);
   TORCH_CHECK(k::token_logprobs::launch_cpu(c.params, c.dtype, torch_parallel_for()) == k::Status::kOk,
               "fastrlhf.token_logprobs: tokens must be in [0, V) = [0, ", c.params.V, ")");
@@ -16,8 +15,8 @@ std::tuple<Tensor, Tensor, Tensor> token_logprobs_cpu(const Tensor& logits, cons
 Tensor run_backward(const std::optional<Tensor>& grad_logprobs, const std::optional<Tensor>& grad_entropy,
                     const Tensor& logits, const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
                     double temperature, bool in_place) {
-  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy,
-                                           temperature, in_place);
+  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy, temperature,
+                                           in_place);
   check_status(k::token_logprobs::launch_backward_cpu(c.params, c.dtype, torch_parallel_for()),
                "token_logprobs_backward");
   return c.grad_logits;

@@ -5,8 +5,7 @@
 namespace fastrlhf::ops {
 namespace {
 
-std::tuple<Tensor, Tensor, Tensor> token_logprobs_cuda(const Tensor& logits, const Tensor& tokens,
-                                                       double temperature) {
+std::tuple<Tensor, Tensor, Tensor> token_logprobs_cuda(const Tensor& logits, const Tensor& tokens, double temperature) {
   CudaContext ctx(logits);
   auto c = prepare_token_logprobs(logits, tokens, temperature);
   check_cuda(k::token_logprobs::launch_cuda(c.params, c.dtype, ctx.stream), "token_logprobs");
@@ -18,8 +17,8 @@ Tensor run_backward(const std::optional<Tensor>& grad_logprobs, const std::optio
                     const Tensor& logits, const Tensor& tokens, const Tensor& row_stats, const Tensor& entropy,
                     double temperature, bool in_place) {
   CudaContext ctx(logits);
-  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy,
-                                           temperature, in_place);
+  auto c = prepare_token_logprobs_backward(grad_logprobs, grad_entropy, logits, tokens, row_stats, entropy, temperature,
+                                           in_place);
   check_cuda(k::token_logprobs::launch_backward_cuda(c.params, c.dtype, ctx.stream), "token_logprobs_backward");
   return c.grad_logits;
 }

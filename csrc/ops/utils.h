@@ -37,27 +37,25 @@ inline k::DType to_kernel_dtype(at::ScalarType t) {
 inline at::ScalarType acc_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_float(const Tensor& t, const char* name) {
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kFloat8_e4m3fn,
-              "fastrlhf: ", name, " must be float32, float64, float16 or bfloat16, got ",
-              t.scalar_type());
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()) && t.scalar_type() != at::kFloat8_e4m3fn, "fastrlhf: ", name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
   (void)to_kernel_dtype(t.scalar_type());
 }
 
 inline void check_same(const Tensor& t, const Tensor& ref, const char* name, const char* ref_name) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), "fastrlhf: ", name, " must have the shape of ", ref_name,
-              " ", ref.sizes(), ", got ", t.sizes());
-  TORCH_CHECK(t.device() == ref.device(), "fastrlhf: ", name, " must be on ", ref.device(),
-              " like ", ref_name, ", got ", t.device());
+  TORCH_CHECK(t.sizes() == ref.sizes(), "fastrlhf: ", name, " must have the shape of ", ref_name, " ", ref.sizes(),
+              ", got ", t.sizes());
+  TORCH_CHECK(t.device() == ref.device(), "fastrlhf: ", name, " must be on ", ref.device(), " like ", ref_name,
+              ", got ", t.device());
 }
 
 inline void check_dtype(const Tensor& t, at::ScalarType want, const char* name) {
-  TORCH_CHECK(t.scalar_type() == want, "fastrlhf: ", name, " must be ", want, ", got ",
-              t.scalar_type());
+  TORCH_CHECK(t.scalar_type() == want, "fastrlhf: ", name, " must be ", want, ", got ", t.scalar_type());
 }
 
 // Optional bool tensor with the shape/device of `ref` -> contiguous uint8 data pointer or null.
-inline const uint8_t* bool_ptr(const std::optional<Tensor>& t, Tensor& holder, const Tensor& ref,
-                               const char* name, const char* ref_name) {
+inline const uint8_t* bool_ptr(const std::optional<Tensor>& t, Tensor& holder, const Tensor& ref, const char* name,
+                               const char* ref_name) {
   if (!t.has_value()) return nullptr;
   check_same(*t, ref, name, ref_name);
   check_dtype(*t, at::kBool, name);

@@ -12,8 +12,8 @@ struct WhitenCall {
   k::DType dtype;
 };
 
-inline WhitenCall prepare_whiten(const Tensor& x, const std::optional<Tensor>& mask,
-                                 bool shift_mean, bool unbiased, double eps) {
+inline WhitenCall prepare_whiten(const Tensor& x, const std::optional<Tensor>& mask, bool shift_mean, bool unbiased,
+                                 double eps) {
   check_float(x, "x");
   WhitenCall c;
   c.dtype = to_kernel_dtype(x.scalar_type());

@@ -5,8 +5,8 @@
 namespace fastrlhf::ops {
 namespace {
 
-std::tuple<Tensor, Tensor, Tensor> whiten_cuda(const Tensor& x, const std::optional<Tensor>& mask,
-                                               bool shift_mean, bool unbiased, double eps) {
+std::tuple<Tensor, Tensor, Tensor> whiten_cuda(const Tensor& x, const std::optional<Tensor>& mask, bool shift_mean,
+                                               bool unbiased, double eps) {
   CudaContext ctx(x);
   auto c = prepare_whiten(x, mask, shift_mean, unbiased, eps);
   Tensor ws = at::empty({k::whiten::workspace_bytes(c.params.n)}, x.options().dtype(at::kByte));

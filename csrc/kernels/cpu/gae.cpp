@@ -77,8 +77,7 @@ void scan_rows(const Params& p, int64_t b, State<A>* st, int64_t t_begin, int64_
 #if defined(__AVX2__) && defined(__FMA__)
 // fp32 fast path: 8 rows as the 8 lanes of a vector. Each 8x8 block (8 rows x 8 steps) is
 // loaded row-wise and transposed in registers, so lane k of vector i is step t+i of row k.
-inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5,
-                       __m256& r6, __m256& r7) {
+inline void transpose8(__m256& r0, __m256& r1, __m256& r2, __m256& r3, __m256& r4, __m256& r5, __m256& r6, __m256& r7) {
   const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
   const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
   const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);

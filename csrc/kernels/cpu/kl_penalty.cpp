@@ -14,8 +14,7 @@ void run(const Params& p, bool backward, const cpu::ParallelFor& parallel_for) {
   S* out = static_cast<S*>(p.out);
   parallel_for(p.n, 1 << 14, [&](int64_t i0, int64_t i1) {
     if (backward) {
-      for (int64_t i = i0; i < i1; ++i)
-        store(out + i, load<A>(g + i) * grad(E, load<A>(lp + i), load<A>(ref + i)));
+      for (int64_t i = i0; i < i1; ++i) store(out + i, load<A>(g + i) * grad(E, load<A>(lp + i), load<A>(ref + i)));
     } else {
       for (int64_t i = i0; i < i1; ++i) store(out + i, value(E, load<A>(lp + i), load<A>(ref + i)));
     }

@@ -126,8 +126,8 @@ struct Tile {
   // grad_weight[v0:v0+vc] (+)= dL^T h_chunk, with data = dL^T; accumulate: beta = 1
   void grad_weight(const cpu::Gemm<T>& gemm, const cpu::ParallelFor& parallel_for, bool accumulate, T* gw) const {
     for_panels(vc, kVocabPanel, H, kHiddenPanel, parallel_for, [&](int64_t v, int64_t v1, int64_t d, int64_t d1) {
-      gemm(false, false, v1 - v, d1 - d, nc, T(1), data + v * nc, nc, hidden + n0 * H + d, H,
-           accumulate ? T(1) : T(0), gw + (v0 + v) * H + d, H);
+      gemm(false, false, v1 - v, d1 - d, nc, T(1), data + v * nc, nc, hidden + n0 * H + d, H, accumulate ? T(1) : T(0),
+           gw + (v0 + v) * H + d, H);
     });
   }
   // grad_hidden[n0:n0+nc] (+)= dL W[v0:v0+vc]
@@ -280,8 +280,15 @@ Status run(const Params& p, const cpu::Blas& blas, const cpu::ParallelFor& paral
     std::fill(e, e + nc, T(0));
     compute_setup<T>(p.hidden, p.H, n0, nc, false, packs, parallel_for);
     for (int64_t v0 = 0; v0 < p.V; v0 += VC) {
-      const Tile<T> t{static_cast<const T*>(p.hidden), static_cast<const T*>(p.weight), static_cast<const T*>(p.bias),
-                      p.H, n0, nc, v0, std::min(VC, p.V - v0), static_cast<T*>(p.tile)};
+      const Tile<T> t{static_cast<const T*>(p.hidden),
+                      static_cast<const T*>(p.weight),
+                      static_cast<const T*>(p.bias),
+                      p.H,
+                      n0,
+                      nc,
+                      v0,
+                      std::min(VC, p.V - v0),
+                      static_cast<T*>(p.tile)};
       compute_tile(t, gemm, packs, parallel_for);
       gather_tokens(t, p.tokens, inv_t, x_tok);
       parallel_for((nc + kCols - 1) / kCols, 1, [&](int64_t u0, int64_t u1) {
@@ -335,8 +342,15 @@ Status run_backward(const BackwardParams& p, const cpu::Blas& blas, const cpu::P
       h[n] = with_entropy ? static_cast<const T*>(p.grad_entropy)[n0 + n] : T(0);
     }
     for (int64_t v0 = 0; v0 < p.V; v0 += VC) {
-      const Tile<T> t{static_cast<const T*>(p.hidden), static_cast<const T*>(p.weight), static_cast<const T*>(p.bias),
-                      p.H, n0, nc, v0, std::min(VC, p.V - v0), static_cast<T*>(p.tile)};
+      const Tile<T> t{static_cast<const T*>(p.hidden),
+                      static_cast<const T*>(p.weight),
+                      static_cast<const T*>(p.bias),
+                      p.H,
+                      n0,
+                      nc,
+                      v0,
+                      std::min(VC, p.V - v0),
+                      static_cast<T*>(p.tile)};
       compute_tile(t, gemm, packs, parallel_for);
       gather_tokens(t, p.tokens, inv_t, x_tok);
       // logits -> dlogits in place, rows (vocab entries) in parallel, vectorized over tokens
@@ -348,8 +362,7 @@ Status run_backward(const BackwardParams& p, const cpu::Blas& blas, const cpu::P
           T* row = t.data + v * cols;
           const T b = t.bias_at(v);
           if (!with_entropy) {  // dlogits = -g p / temperature
-            for (int64_t n = 0; n < cols; ++n)
-              row[n] = -gg[n] * it * fast_exp(((row[n] + b) * it - mm[n]) - ls[n]);
+            for (int64_t n = 0; n < cols; ++n) row[n] = -gg[n] * it * fast_exp(((row[n] + b) * it - mm[n]) - ls[n]);
           } else {
             for (int64_t n = 0; n < cols; ++n)
               row[n] = grad_element((row[n] + b) * it, mm[n], ls[n], H[n], gg[n], hh[n]) * it;

@@ -15,15 +15,15 @@ namespace {
 using kl_penalty::Estimator;
 
 template <typename S>
-const S* ptr(const void* p, int64_t o) { return p ? static_cast<const S*>(p) + o : nullptr; }
+const S* ptr(const void* p, int64_t o) {
+  return p ? static_cast<const S*>(p) + o : nullptr;
+}
 
 int64_t row_grain(const Params& p) { return cpu::rows_grain(p.T, 4096); }
 
 // ---- specialized fp32 rows ------------------------------------------------------------------
 
-struct Coefs {
-  float lo, hi, dual, kl_coef, ent_coef;
-};
+struct Coefs { float lo, hi, dual, kl_coef, ent_coef; };
 
 template <Estimator E, bool kRef, bool kDual, bool kEnt>
 void forward_row_f32(const Params& p, const Coefs& c, int64_t b) {
@@ -34,8 +34,8 @@ void forward_row_f32(const Params& p, const Coefs& c, int64_t b) {
   const float* __restrict ref = kRef ? static_cast<const float*>(p.ref_logprobs) + o : nullptr;
   const float* __restrict ent = kEnt ? static_cast<const float*>(p.entropy) + o : nullptr;
   const uint8_t* __restrict m = p.mask + o;
-  float s_loss = 0, s_pg = 0, s_kl = 0, s_ent = 0, s_low = 0, s_high = 0, s_dual = 0, s_akl = 0, s_ratio = 0,
-        s_len = 0, r_max = -std::numeric_limits<float>::infinity();
+  float s_loss = 0, s_pg = 0, s_kl = 0, s_ent = 0, s_low = 0, s_high = 0, s_dual = 0, s_akl = 0, s_ratio = 0, s_len = 0,
+        r_max = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(+ : s_loss, s_pg, s_kl, s_ent, s_low, s_high, s_dual, s_akl, s_ratio, s_len) \
     reduction(max : r_max)
   for (int64_t t = 0; t < T; ++t) {

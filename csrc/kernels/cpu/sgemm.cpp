@@ -10,6 +10,7 @@ namespace fastrlhf::kernels::cpu::sgemm {
 void tile_rows(int rows, int64_t K, const float* a, int64_t a_k, const float* b, int64_t b_k, float* c, int64_t ldc,
                bool accumulate, __mmask16 m0, __mmask16 m1) {
   switch (rows) {
+    // clang-format off
 #define FRL_TILE_CASE(R) \
   case R:                \
     return tile<R>(K, a, a_k, b, b_k, c, ldc, accumulate, m0, m1);
@@ -17,6 +18,7 @@ void tile_rows(int rows, int64_t K, const float* a, int64_t a_k, const float* b,
     FRL_TILE_CASE(7) FRL_TILE_CASE(8) FRL_TILE_CASE(9) FRL_TILE_CASE(10) FRL_TILE_CASE(11) FRL_TILE_CASE(12)
     FRL_TILE_CASE(13) FRL_TILE_CASE(14)
 #undef FRL_TILE_CASE
+    // clang-format on
     default:  // 0 rows; more than kMr is a caller bug
       assert(rows == 0);
       return;

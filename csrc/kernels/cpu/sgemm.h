@@ -29,8 +29,8 @@ inline __mmask16 hi_mask(int64_t cols) {
 }
 
 template <int R>
-inline void tile(int64_t K, const float* __restrict a, int64_t a_k, const float* __restrict b, int64_t b_k,
-                 float* c, int64_t ldc, bool accumulate, __mmask16 m0, __mmask16 m1) {
+inline void tile(int64_t K, const float* __restrict a, int64_t a_k, const float* __restrict b, int64_t b_k, float* c,
+                 int64_t ldc, bool accumulate, __mmask16 m0, __mmask16 m1) {
   __m512 acc0[R], acc1[R];
 #pragma GCC unroll 14
   for (int i = 0; i < R; ++i) acc0[i] = _mm512_setzero_ps(), acc1[i] = _mm512_setzero_ps();

@@ -25,7 +25,10 @@ Status run(const Params& p, const cpu::ParallelFor& parallel_for) {
         const S* row = q + i * na;
         if (p.next_actions) {
           const int64_t a = p.next_actions[i];
-          if (a < 0 || a >= na) { bad = true; continue; }
+          if (a < 0 || a >= na) {
+            bad = true;
+            continue;
+          }
           next = load<A>(row + a);
         } else {
           // vectorized max ignoring NaN, plus a NaN count: a NaN anywhere in the row propagates
@@ -59,7 +62,10 @@ Status run_q_update(const QUpdateParams& p, const cpu::ParallelFor& parallel_for
     std::copy(q + i0 * na, q + i1 * na, out + i0 * na);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t a = p.actions[i];
-      if (a < 0 || a >= na) { bad = true; continue; }
+      if (a < 0 || a >= na) {
+        bad = true;
+        continue;
+      }
       store(out + i * na + a, updated(load<A>(q + i * na + a), load<A>(y + i), alpha));
     }
   });

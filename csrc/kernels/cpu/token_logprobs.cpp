@@ -86,8 +86,7 @@ void row_sums<float, float>(const float* x, int64_t V, float inv_t, float m, flo
 }
 
 // One fp32 row of the backward on AVX-512 (same formulas as the portable loop in run_backward).
-void backward_row_f32(const float* x, float* dx, int64_t V, float it, float m, float log_s, float H, float g,
-                      float h) {
+void backward_row_f32(const float* x, float* dx, int64_t V, float it, float m, float log_s, float H, float g, float h) {
   const __m512 vit = _mm512_set1_ps(it), vm = _mm512_set1_ps(m), vls = _mm512_set1_ps(log_s);
   int64_t j = 0;
   if (h == 0.0f) {
@@ -164,6 +163,7 @@ Status run_backward(const BackwardParams& p, const cpu::ParallelFor& parallel_fo
       const A it = inv_t;  // locals, not captures: a store to dx could alias a captured float,
                            // and the loop would fall back to scalar code
       const A x_tok = load<A>(x + tok) * inv_t;  // read before the row is written: dx may be x
+      // clang-format off: the `if` below continues the `else` of the #if branch
 #if defined(FASTRLHF_SIMD_EXP)
       if constexpr (std::is_same_v<S, float>) {
         backward_row_f32(x, dx, V, it, m, log_s, H, g, h);
@@ -175,6 +175,7 @@ Status run_backward(const BackwardParams& p, const cpu::ParallelFor& parallel_fo
       } else {
         for (int64_t j = 0; j < V; ++j) store(dx + j, grad_element(load<A>(x + j) * it, m, log_s, H, g, h) * it);
       }
+      // clang-format on
       // the chosen token's + g, once per row (out of the vectorized loop); recomputed from the
       // logit in the accumulator type, so the storage rounding happens once
       const A d_tok = grad_element(x_tok, m, log_s, H, g, h) + g;

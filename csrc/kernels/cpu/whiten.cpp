@@ -12,9 +12,7 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 15;
 
-struct Stats {
-  double n, mean, m2;
-};
+struct Stats { double n, mean, m2; };
 
 // Valid elements of [i0, i1) as numbers (1/0), not bools, so that the loops vectorize.
 template <typename S, typename A, bool kMask>

@@ -13,12 +13,12 @@
 // A device-side check that is never compiled out (assert() is, under the Release build's
 // -DNDEBUG): prints the message and traps, which surfaces on the host as a CUDA error at the next
 // synchronization -- the behaviour of torch's own index checks (CUDA_KERNEL_ASSERT).
-#define FRL_DEVICE_CHECK(cond, msg)            \
-  do {                                         \
-    if (!(cond)) {                             \
+#define FRL_DEVICE_CHECK(cond, msg)               \
+  do {                                            \
+    if (!(cond)) {                                \
       printf("fastrlhf device check: %s\n", msg); \
-      __trap();                                \
-    }                                          \
+      __trap();                                   \
+    }                                             \
   } while (0)
 
 namespace fastrlhf::kernels::cuda {
@@ -30,7 +30,9 @@ template <typename A> __device__ __forceinline__ A load(const __nv_bfloat16* p) 
 template <typename A> __device__ __forceinline__ void store(float* p, A v) { *p = float(v); }
 template <typename A> __device__ __forceinline__ void store(double* p, A v) { *p = double(v); }
 template <typename A> __device__ __forceinline__ void store(__half* p, A v) { *p = __float2half_rn(float(v)); }
-template <typename A> __device__ __forceinline__ void store(__nv_bfloat16* p, A v) { *p = __float2bfloat16_rn(float(v)); }
+template <typename A> __device__ __forceinline__ void store(__nv_bfloat16* p, A v) {
+  *p = __float2bfloat16_rn(float(v));
+}
 
 template <typename S> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };

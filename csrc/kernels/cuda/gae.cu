@@ -33,8 +33,7 @@ __global__ void __launch_bounds__(kThreads) gae_kernel(Params p) {
   Map<A> mine = identity_map<A>();
   for (int64_t t = t1 - 1; t >= t0; --t) {
     const A vt = v ? cuda::load<A>(v + t) : A(0);
-    mine = compose(step_map(cuda::load<A>(r + t), vt, m ? m[t] != 0 : true, d ? d[t] != 0 : false,
-                            gamma, gamma_lam),
+    mine = compose(step_map(cuda::load<A>(r + t), vt, m ? m[t] != 0 : true, d ? d[t] != 0 : false, gamma, gamma_lam),
                    mine);
   }
   // 2. inclusive right-to-left scan: maps[i] <- map of chunks i .. kThreads-1

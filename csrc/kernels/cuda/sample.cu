@@ -138,7 +138,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(Params p) {
       uint32_t lo = 0, hi = fbits(1.0f);
       while (lo < hi) {
         const uint32_t mid = lo + (hi - lo + 1) / 2;
-        if (count_ge(e, V, mid, fsmem) >= float(k)) lo = mid; else hi = mid - 1;
+        if (count_ge(e, V, mid, fsmem) >= float(k)) lo = mid;
+        else hi = mid - 1;
       }
       tau = lo;
     }
@@ -148,7 +149,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(Params p) {
       uint32_t lo = tau, hi = fbits(1.0f);
       while (lo < hi) {
         const uint32_t mid = lo + (hi - lo + 1) / 2;
-        if (mass_ge(e, V, mid, dsmem) >= target) lo = mid; else hi = mid - 1;
+        if (mass_ge(e, V, mid, dsmem) >= target) lo = mid;
+        else hi = mid - 1;
       }
       tau = lo;
     }

@@ -49,14 +49,13 @@ __global__ void q_update_kernel(QUpdateParams p) {
   const S* q = static_cast<const S*>(p.q);
   S* out = static_cast<S*>(p.out);
   const int64_t total = p.n * p.num_actions;
-  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < total;
-       j += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < total; j += int64_t(gridDim.x) * blockDim.x) {
     const int64_t i = j / p.num_actions, a = j % p.num_actions;
     const int64_t taken = p.actions[i];
     FRL_DEVICE_CHECK(taken >= 0 && taken < p.num_actions, "fastrlhf.q_update: actions out of range");
     if (a == taken) {
-      cuda::store(out + j, updated(cuda::load<A>(q + j), cuda::load<A>(static_cast<const S*>(p.targets) + i),
-                                   A(p.alpha)));
+      cuda::store(out + j,
+                  updated(cuda::load<A>(q + j), cuda::load<A>(static_cast<const S*>(p.targets) + i), A(p.alpha)));
     } else {
       out[j] = q[j];
     }
