@@ -108,7 +108,7 @@ inline int64_t decode_num_splits(int64_t n_seq, int64_t Hkv, int64_t max_q_len, 
 }
 
 #if defined(FASTRLHF_WITH_CUDA)
-// CUDA (csrc/kernels/cuda/attention.cu). `p.seqs` is a device pointer; grid sizes come from
+// CUDA (csrc/kernels/cuda/attention/, launchers in launch.cu). `p.seqs` is a device pointer; grid sizes come from
 // p.max_q_len / p.max_k_len. bf16/fp16 with D in {32, 64, 96, 128} (16-byte aligned rows) on
 // sm_80+ run tensor-core kernels (mma.sync m16n8k16, fp32 accumulation, P and dS rounded to the
 // storage dtype before their matmuls, as FlashAttention-2); everything else (fp32, fp64, other D)
