@@ -107,8 +107,8 @@ inline AttnCall prepare_decode(const Tensor& q, const Tensor& k_cache, const Ten
                                const Tensor& cache_seqlens, double scale, bool host_table = true) {
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4,
               "fastrlhf: decode_attention takes q [B, H, Tq, D], caches [B, Hkv, Tmax, D]");
-  auto c = prepare(q, k_cache, v_cache, /*causal=*/true, scale, std::nullopt, std::nullopt, cache_seqlens,
-                   std::nullopt, host_table);
+  auto c = prepare(q, k_cache, v_cache, /*causal=*/true, scale, std::nullopt, std::nullopt, cache_seqlens, std::nullopt,
+                   host_table);
   const int64_t Tq = q.size(2);
   for (auto& s : c.seqs) {
     TORCH_CHECK(s.k_end >= Tq, "fastrlhf: cache_seqlens must count the ", Tq, " new tokens already in the cache");
@@ -119,9 +119,7 @@ inline AttnCall prepare_decode(const Tensor& q, const Tensor& k_cache, const Ten
 
 // The forward's outputs (out like q, lse [lse_shape] in the accumulator dtype) with c.params
 // pointing at them.
-struct ForwardOutputs {
-  Tensor out, lse;
-};
+struct ForwardOutputs { Tensor out, lse; };
 
 inline ForwardOutputs forward_outputs(AttnCall& c) {
   ForwardOutputs r{at::empty_like(c.q), at::empty(c.lse_shape, c.q.options().dtype(acc_type(c.q.scalar_type())))};
@@ -133,9 +131,7 @@ inline ForwardOutputs forward_outputs(AttnCall& c) {
 // The backward's inputs in the layout the kernels read (grad_out and out like q, lse in the
 // accumulator dtype on q's device), its outputs dq, dk, dv (dk / dv zeroed: keys no query sees
 // are never written) and the delta workspace, with c.params pointing at all of them.
-struct BackwardTensors {
-  Tensor grad_out, out, lse, dq, dk, dv, delta;
-};
+struct BackwardTensors { Tensor grad_out, out, lse, dq, dk, dv, delta; };
 
 inline BackwardTensors prepare_backward(AttnCall& c, const Tensor& grad_out, const Tensor& out, const Tensor& lse) {
   const Tensor& q = c.q;

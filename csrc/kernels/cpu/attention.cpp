@@ -30,11 +30,11 @@ using cpu::TaskQueue;
 constexpr int64_t kBK = 64;  // keys per decode tile, at most
 
 template <typename A>
-constexpr A neg_inf() { return -std::numeric_limits<A>::infinity(); }
+constexpr A neg_inf() {
+  return -std::numeric_limits<A>::infinity();
+}
 
-struct Task {
-  int64_t seq, head, block;
-};
+struct Task { int64_t seq, head, block; };
 
 // Tasks (sequence, head, block of `rows_per_block` along `len`) in a fixed order.
 template <typename F>
@@ -155,8 +155,8 @@ void accumulate_values(const A* __restrict p, const A* __restrict v, int64_t ld,
 // and scores are summed by hsum4 (the generic dot_keys / accumulate_values reload per row).
 // s[rr * ls + jj] = q_rr . k_jj for keys jj < n.
 template <int DV, int R>
-void dot_keys_f32(const float* __restrict q, const float* __restrict k, int64_t ld, int64_t n,
-                  float* __restrict s, int64_t ls) {
+void dot_keys_f32(const float* __restrict q, const float* __restrict k, int64_t ld, int64_t n, float* __restrict s,
+                  int64_t ls) {
   using cpu::f32x16;
   constexpr int64_t D = 16 * DV;
   f32x16 qv[R][DV];
@@ -427,8 +427,8 @@ void forward(const Params& p, const cpu::ParallelFor& parallel_for, const cpu::B
         const A* v = as_acc_rows(V, j0, nk, p.k_row_stride, D, vbuf.data(), &ldv);
         gemm(false, true, nr, nk, D, scale, q, ldq, k, ldk, A(0), sc.data(), kKV);  // S [nr, nk]
         for (int64_t r = 0; r < nr; ++r)
-          online_softmax_step(sc.data() + r * kKV, nk, std::min(j1, visible_end(sq, i0 + r, p.causal)) - j0, m[r],
-                              l[r], acc.data() + r * D, D);
+          online_softmax_step(sc.data() + r * kKV, nk, std::min(j1, visible_end(sq, i0 + r, p.causal)) - j0, m[r], l[r],
+                              acc.data() + r * D, D);
         gemm(false, false, nr, D, nk, A(1), sc.data(), kKV, v, ldv, A(1), acc.data(), D);  // acc += P V
       }
       S* O = static_cast<S*>(p.o) + sq.q_off + h * p.q_head_stride;
@@ -479,7 +479,8 @@ void backward(const Params& p, const cpu::ParallelFor& parallel_for, const cpu::
   std::vector<int64_t> cost(p.n_seq * p.Hkv, 0);
   for (int64_t t = 0; t < int64_t(cost.size()); ++t) {
     const Seq& sq = p.seqs[t / p.Hkv];
-    for (int64_t i0 = 0; i0 < sq.q_len; i0 += kQB) cost[t] += block_cost(sq, i0, std::min(sq.q_len, i0 + kQB), p.causal);
+    for (int64_t i0 = 0; i0 < sq.q_len; i0 += kQB)
+      cost[t] += block_cost(sq, i0, std::min(sq.q_len, i0 + kQB), p.causal);
   }
   TaskQueue queue(cost);
   queue.run(parallel_for, [&] {  // dQ, dK, dV
@@ -550,8 +551,7 @@ Status launch_decode_cpu(const Params& p, DType dtype, const cpu::ParallelFor& p
   return Status::kOk;
 }
 
-Status launch_backward_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for,
-                           const cpu::Blas& blas) {
+Status launch_backward_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for, const cpu::Blas& blas) {
   dispatch_cpu(dtype, [&](auto s) { backward<decltype(s)>(p, parallel_for, blas); });
   return Status::kOk;
 }
