@@ -18,7 +18,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _harness as H  # noqa: E402
 
 BENCHES = [
-    "gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "sample", "attention", "generate",
+    "gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "preference_loss", "sample",
+    "attention", "generate",
 ]
 
 

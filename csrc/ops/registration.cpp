@@ -64,6 +64,15 @@ TORCH_LIBRARY(fastrlhf, m) {
   m.def("value_loss_backward(Tensor grad_loss, Tensor values, Tensor old_values, Tensor returns, "
         "Tensor mask, Tensor row_weight, float clip) -> Tensor");
 
+  // ---- pairwise preference losses (python/fastrlhf/ops/preference_loss.py) ----
+  // chosen / rejected / refs / margin [B]; loss_type 0 sigmoid, 1 ipo, 2 hinge -> (loss [], stats [4])
+  m.def("preference_loss(Tensor chosen, Tensor rejected, Tensor? ref_chosen, Tensor? ref_rejected, Tensor? margin, "
+        "float beta, int loss_type, float label_smoothing, float normalizer) -> (Tensor, Tensor)");
+  // -> grad_chosen [B] (grad_rejected = -grad_chosen)
+  m.def("preference_loss_backward(Tensor grad_loss, Tensor chosen, Tensor rejected, Tensor? ref_chosen, "
+        "Tensor? ref_rejected, Tensor? margin, float beta, int loss_type, float label_smoothing, float normalizer) "
+        "-> Tensor");
+
   // ---- sampling (python/fastrlhf/ops/sample.py) ----
   // logits [B, V]; each parameter a [B] tensor or the scalar after it; token_history [B, L]
   // (-1 padding); row_ids [B] int64 Philox row counters (default: the row index)

@@ -9,8 +9,8 @@ import sys
 import pytest
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
-SCRIPTS = ["gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "sample", "attention",
-           "generate"]
+SCRIPTS = ["gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "preference_loss", "sample",
+           "attention", "generate"]
 PROVIDERS = {
     "gae": {"kernel", "loop", "vectorized", "reference"},
     "group_advantages": {"kernel", "eager", "reference"},
@@ -18,6 +18,7 @@ PROVIDERS = {
     "td_targets": {"kernel", "eager", "reference"},
     "token_logprobs": {"kernel", "eager", "reference"},
     "losses": {"kernel", "eager"},
+    "preference_loss": {"kernel", "eager_trl", "reference"},
     "sample": {"kernel", "sort_based", "reference"},
     "attention": {"kernel", "sdpa", "reference"},
     "generate": {"fastrlhf", "fastrlhf_hf_adapter", "transformers"},

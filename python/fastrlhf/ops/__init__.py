@@ -15,6 +15,7 @@ from fastrlhf.ops.kl_penalty import KLPenalty, kl_penalty
 from fastrlhf.ops.linear_token_logprobs import LinearTokenLogprobs, linear_token_logprobs
 from fastrlhf.ops.linear_token_loss import LinearTokenLossOutput, linear_token_loss
 from fastrlhf.ops.policy_loss import PolicyLoss, PPOLoss, policy_loss
+from fastrlhf.ops.preference_loss import PreferenceLoss, preference_loss
 from fastrlhf.ops.sample import SampleOutput, sample
 from fastrlhf.ops.td_targets import q_update, td_targets
 from fastrlhf.ops.token_logprobs import TokenLogprobs, token_logprobs
@@ -48,6 +49,8 @@ __all__ = [
     "PolicyLoss",
     "PPOLoss",
     "value_loss",
+    "preference_loss",
+    "PreferenceLoss",
     "ValueLoss",
     "sample",
     "SampleOutput",
