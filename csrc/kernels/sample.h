@@ -115,11 +115,13 @@ FRL_HD float log_q(bool kept, float e, double z_kept, float eps, int64_t V) {
 
 namespace fastrlhf::kernels::sample {
 // CPU: rows in parallel; per row a few vectorized passes over an fp32 copy of the row and
-// histogram + quickselect for the thresholds. kIndexOutOfRange: NaN logits in a row.
+// histogram + quickselect for the thresholds. kIndexOutOfRange: a row without a distribution
+// (NaN, +inf, or only -inf logits).
 Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
 #if defined(FASTRLHF_WITH_CUDA)
 // CUDA: one block per row; thresholds by bisection on float bits with block reductions; the
-// draw by a block-wide prefix sum. No host synchronization; NaN logits trip a device-side check.
+// draw by a block-wide prefix sum. No host synchronization; a row with NaN, +inf or only -inf
+// logits trips a device-side check.
 cudaError_t launch_cuda(const Params& p, DType dtype, cudaStream_t stream);
 #endif
 }  // namespace fastrlhf::kernels::sample

@@ -6,6 +6,19 @@
 
 namespace fastrlhf::ops {
 
+// Why a row of logits [B, V] has no distribution to sample from (the first such row), for errors.
+inline std::string describe_bad_logits(const Tensor& logits) {
+  const Tensor x = logits.to(at::kFloat);
+  const Tensor nan = x.isnan().any(1), pinf = x.isposinf().any(1), all_ninf = x.isneginf().all(1);
+  for (int64_t b = 0; b < x.size(0); ++b) {
+    if (nan[b].item<bool>()) return "row " + std::to_string(b) + " of logits holds NaN";
+    if (pinf[b].item<bool>())
+      return "row " + std::to_string(b) + " of logits holds +inf (a certain token: mask the others with -inf instead)";
+    if (all_ninf[b].item<bool>()) return "row " + std::to_string(b) + " of logits is all -inf (no token is allowed)";
+  }
+  return "a row of logits has no distribution (NaN, +inf or only -inf)";
+}
+
 struct SampleCall {
   Tensor logits, history, row_ids, tokens, logprobs, raw_logprobs, workspace;
   std::vector<Tensor> holders;  // contiguous per-row parameter tensors

@@ -20,7 +20,7 @@ Triple sample_cpu(const Tensor& logits, const std::optional<Tensor>& temperature
                           presence_penalty_val, frequency_penalty, frequency_penalty_val, token_history, seed, offset,
                           row_ids);
   TORCH_CHECK(k::sample::launch_cpu(c.params, c.dtype, torch_parallel_for()) == k::Status::kOk,
-              "fastrlhf.sample: logits contain NaN");
+              "fastrlhf.sample: ", describe_bad_logits(c.logits));
   return {c.tokens, c.logprobs, c.raw_logprobs};
 }
 

@@ -820,3 +820,41 @@ def test_exports():
     assert fastrlhf.ops.sample is sample
     assert fastrlhf.ops.SampleOutput is SampleOutput
     assert SampleOutput._fields == ("tokens", "logprobs", "raw_logprobs")
+
+
+# ---- rows without a distribution: NaN, +inf, all -inf (a named error, never a silent draw) ----
+
+
+def _bad_rows():
+    g = torch.Generator().manual_seed(7)
+    pinf = torch.randn(3, 10, generator=g)
+    pinf[1, 3] = float("inf")
+    ninf = torch.randn(3, 10, generator=g)
+    ninf[2] = float("-inf")
+    nan = torch.randn(3, 10, generator=g)
+    nan[0, 5] = float("nan")
+    return [(pinf, r"row 1 of logits holds \+inf at token 3"), (ninf, "row 2 of logits is all -inf"),
+            (nan, "row 0 of logits holds NaN")]
+
+
+@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_rows_without_a_distribution_raise_naming_the_row(case, impl):
+    logits, match = _bad_rows()[case]
+    with pytest.raises(ValueError, match=match):
+        sample(logits, seed=0, impl=impl)
+
+
+@pytest.mark.parametrize("case", range(3))
+def test_unvalidated_cpu_kernel_still_names_the_row(case):
+    logits, _ = _bad_rows()[case]
+    row = [1, 2, 0][case]
+    with pytest.raises(RuntimeError, match=f"row {row} of logits"):
+        sample(logits, seed=0, validate=False, impl="kernel")
+
+
+def test_some_minus_inf_is_fine_and_never_drawn():
+    logits = torch.randn(4, 10)
+    logits[:, 5:] = float("-inf")
+    out = sample(logits, seed=1, impl="kernel")
+    assert bool((out.tokens < 5).all()) and torch.isfinite(out.logprobs).all()

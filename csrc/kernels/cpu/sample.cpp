@@ -256,7 +256,10 @@ bool run_row(const Params& p, int64_t b, Scratch& s, const cpu::ParallelFor& inn
   ch.each([&](int64_t c, int64_t j0, int64_t j1) { load_chunk(x + j0, j1 - j0, e + j0, s.c_max[c], c_nan[c]); });
   float raw_max = -std::numeric_limits<float>::infinity();
   for (int64_t c = 0; c < ch.n; ++c) raw_max = s.c_max[c] > raw_max ? s.c_max[c] : raw_max, nans += c_nan[c];
-  if (nans) return false;
+  // no distribution: a NaN, a +inf (certainty is not a probability we can sample with the others),
+  // or only -inf logits; the glue names the row
+  if (nans || raw_max == std::numeric_limits<float>::infinity() || raw_max == -std::numeric_limits<float>::infinity())
+    return false;
   ch.each([&](int64_t c, int64_t j0, int64_t j1) { s.c_sum[c] = sum_exp(e + j0, j1 - j0, raw_max, false); });
   double raw_sum = 0;
   for (int64_t c = 0; c < ch.n; ++c) raw_sum += s.c_sum[c];

@@ -76,6 +76,8 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(Params p) {
   nan = __syncthreads_or(nan);
   FRL_DEVICE_CHECK(!nan, "fastrlhf.sample: logits contain NaN");
   const float raw_max = cuda::block_max(m, fsmem);
+  FRL_DEVICE_CHECK(raw_max != INFINITY && raw_max != -INFINITY,
+                   "fastrlhf.sample: a row of logits holds +inf or only -inf (no distribution to sample)");
   float rs = 0;
   for (int64_t j = threadIdx.x; j < V; j += kThreads) rs += __expf(e[j] - raw_max);
   const float raw_log_z = raw_max + logf(cuda::block_sum(rs, fsmem));

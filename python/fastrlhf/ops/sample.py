@@ -17,6 +17,12 @@ scalar"). Returns ``SampleOutput(tokens [B] int64, logprobs [B], raw_logprobs [B
 ``logprobs`` = log q(token) (the distribution actually sampled from); ``raw_logprobs`` = the
 plain temperature-1 log-softmax of the unmodified logits at the token (both fp32).
 
+Bad logits: a row with a NaN, a ``+inf`` or only ``-inf`` logits defines no distribution (a
+``+inf`` is a certainty we cannot weigh against the other tokens; to force a token, set the others
+to ``-inf``). Such a row raises a ValueError naming it: always with the reference and with
+``validate=True``; without validation the CPU kernel still raises (its launcher reports the row)
+and the CUDA kernel trips a device-side check.
+
 Randomness: Philox keyed by ``seed``; the counter is ``(offset, row)``, so a call is
 reproducible and a row's draw does not depend on the other rows. ``row_ids [B]`` (int64) replaces
 the row index in the counter: a generation loop that drops finished rows passes each row's
@@ -100,6 +106,24 @@ def _param(name, value, B, device, validate):
     return None, (int(v) if dtype == torch.int64 else v)
 
 
+def check_logits_rows(logits: torch.Tensor) -> None:
+    """Every row of ``logits [B, V]`` must define a distribution: no NaN, no +inf, not all -inf.
+    Raises a ValueError naming the first bad row (this reads the values: a GPU sync)."""
+    x = logits.float()
+    bad = x.isnan().any(1) | x.isposinf().any(1) | x.isneginf().all(1)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        row = x[b]
+        if bool(row.isnan().any()):
+            why = "holds NaN"
+        elif bool(row.isposinf().any()):
+            tok = int(row.isposinf().nonzero()[0, 0])
+            why = f"holds +inf at token {tok} (to force a token, set the others to -inf)"
+        else:
+            why = "is all -inf (no token is allowed)"
+        raise ValueError(f"fastrlhf.ops.sample: row {b} of logits {why}; it defines no distribution to sample from")
+
+
 def sample(
     logits: torch.Tensor,
     *,
@@ -153,11 +177,12 @@ def sample(
         raise ValueError(f"fastrlhf.ops.{op}: seed must be an int in [0, 2**63), got {seed!r}")
     if not isinstance(offset, int) or isinstance(offset, bool) or not 0 <= offset < 2**63:
         raise ValueError(f"fastrlhf.ops.{op}: offset must be an int in [0, 2**63), got {offset!r}")
-    if use_kernel(op, impl, logits.device, logits.dtype):
+    kernel = use_kernel(op, impl, logits.device, logits.dtype)
+    if (validate or not kernel) and not torch.compiler.is_compiling():
+        check_logits_rows(logits)
+    if kernel:
         flat = [x for name in _PARAMS for x in args[name]]
         return SampleOutput(*torch.ops.fastrlhf.sample.default(logits, *flat, token_history, seed, offset, row_ids))
-    if validate and torch.isnan(logits).any():
-        raise ValueError(f"fastrlhf.ops.{op}: logits contain NaN")
     kw = {name: (t if t is not None else v) for name, (t, v) in args.items()}
     return SampleOutput(*reference.sample(logits, seed=seed, offset=offset, row_ids=row_ids,
                                           token_history=token_history,
