@@ -72,6 +72,16 @@ FRL_HD int64_t visible_end(const Seq& s, int64_t i, bool causal) {
   return e;
 }
 
+// A row's softmax sum l -> the factor its output accumulator is scaled by: 1 / l; 0 for a row
+// that sees no key (l = 0: the output is 0, by convention); NaN for a row whose scores were NaN
+// (l = NaN), so a NaN query or key never turns into a silent 0 row.
+template <typename A>
+FRL_HD A inv_row_sum(A l) { return l > A(0) ? A(1) / l : (l == A(0) ? A(0) : l); }
+
+// A row's log-sum-exp from its running max m and sum l: -inf without visible keys, NaN after NaN.
+template <typename A>
+FRL_HD A row_lse(A m, A l) { return l > A(0) ? m + log_acc(l) : (l == A(0) ? A(-INFINITY) : l); }
+
 }  // namespace fastrlhf::kernels::attention
 
 #include "cpu/blas.h"

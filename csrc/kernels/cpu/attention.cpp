@@ -210,10 +210,14 @@ void accumulate_values_f32(const float* __restrict p, int64_t ls, const float* _
 }
 
 // P[r, 0..nk) = exp(S[r, jj] - base_r) where key jj is visible to row r (jj < vis[r]), else 0.
+// A base of -inf with visible keys means every visible score was NaN (or -inf): P is NaN there, so
+// the row's sum and output become NaN instead of a silent 0 (inv_row_sum).
 template <typename A>
 void masked_exp(A* __restrict s, int64_t nk, int64_t vis, A base) {
   if (vis <= 0 || base == neg_inf<A>()) {
-    std::fill(s, s + nk, A(0));
+    const int64_t lim = vis > 0 && base == neg_inf<A>() ? (vis < nk ? vis : nk) : 0;
+    std::fill(s, s + lim, std::numeric_limits<A>::quiet_NaN());
+    std::fill(s + lim, s + nk, A(0));
     return;
   }
 #pragma omp simd
@@ -227,7 +231,10 @@ template <>
 void masked_exp<float>(float* __restrict s, int64_t nk, int64_t vis, float base) {
   const int64_t lim = vis < nk ? vis : nk;
   int64_t jj = 0;
-  if (lim > 0 && base != neg_inf<float>()) {
+  if (lim > 0 && base == neg_inf<float>()) {  // every visible score NaN: see the generic masked_exp
+    std::fill(s, s + lim, std::numeric_limits<float>::quiet_NaN());
+    jj = lim;
+  } else if (lim > 0) {
     const __m512 b = _mm512_set1_ps(base);
     for (; jj + 16 <= lim; jj += 16) _mm512_storeu_ps(s + jj, cpu::exp16(_mm512_sub_ps(_mm512_loadu_ps(s + jj), b)));
     if (jj < lim) {
@@ -372,9 +379,9 @@ void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
         const int64_t h = hk * group + r / sq.q_len, i = r % sq.q_len;
         S* O = static_cast<S*>(p.o) + sq.q_off + h * p.q_head_stride + i * p.q_row_stride;
         A* lse = static_cast<A*>(static_cast<void*>(p.lse)) + sq.lse_off + h * p.lse_head_stride;
-        const A inv = l[r] > A(0) ? A(1) / l[r] : A(0);
+        const A inv = inv_row_sum(l[r]);
         for (int64_t d = 0; d < D; ++d) store(O + d, acc[r * D + d] * inv);
-        lse[i * p.lse_row_stride] = l[r] > A(0) ? m[r] + std::log(l[r]) : neg_inf<A>();
+        lse[i * p.lse_row_stride] = row_lse(m[r], l[r]);
       }
     }
   });
@@ -434,9 +441,9 @@ void forward(const Params& p, const cpu::ParallelFor& parallel_for, const cpu::B
       S* O = static_cast<S*>(p.o) + sq.q_off + h * p.q_head_stride;
       A* lse = static_cast<A*>(static_cast<void*>(p.lse)) + sq.lse_off + h * p.lse_head_stride;
       for (int64_t r = 0; r < nr; ++r) {
-        const A inv = l[r] > A(0) ? A(1) / l[r] : A(0);
+        const A inv = inv_row_sum(l[r]);
         for (int64_t d = 0; d < D; ++d) store(O + (i0 + r) * p.q_row_stride + d, acc[r * D + d] * inv);
-        lse[(i0 + r) * p.lse_row_stride] = l[r] > A(0) ? m[r] + std::log(l[r]) : neg_inf<A>();
+        lse[(i0 + r) * p.lse_row_stride] = row_lse(m[r], l[r]);
       }
     }
   });

@@ -117,10 +117,9 @@ __device__ void attend(RowState<A, NPL>& st, const A (&q)[NPL], const S* K, cons
 template <int NPL, typename S, typename A>
 __device__ __forceinline__ void write_row(const Params& p, const Seq& sq, int64_t h, int64_t i,
                                           const RowState<A, NPL>& st) {
-  const A inv = st.l > A(0) ? A(1) / st.l : A(0);
+  const A inv = inv_row_sum(st.l);  // NaN scores -> a NaN row, never a silent 0 (attention.h)
   store_row(static_cast<S*>(p.o) + sq.q_off + h * p.q_head_stride + i * p.q_row_stride, st.acc, int(p.D), inv);
-  if (p.lse && (threadIdx.x & 31) == 0)
-    reinterpret_cast<A*>(p.lse)[lse_index(p, sq, h, i)] = st.l > A(0) ? st.m + log_acc(st.l) : neg_inf<A>();
+  if (p.lse && (threadIdx.x & 31) == 0) reinterpret_cast<A*>(p.lse)[lse_index(p, sq, h, i)] = row_lse(st.m, st.l);
 }
 
 // grid (row blocks x sequences, H): warp = query row

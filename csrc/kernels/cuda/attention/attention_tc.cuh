@@ -347,12 +347,13 @@ __global__ void __launch_bounds__(kThreads) forward_tc(const Params p, int n_qb)
     const float lr = quad_sum(l[r]);
     const int64_t i = ra + 8 * r;
     if (i >= sq.q_len) continue;
-    const float inv = lr > 0.f ? 1.f / lr : 0.f;
+    const float inv = inv_row_sum(lr);  // NaN scores -> a NaN row, never a silent 0 (attention.h)
     T* orow = O + i * p.q_row_stride;
 #pragma unroll
     for (int nt = 0; nt < NT_O; ++nt)
       *reinterpret_cast<uint32_t*>(orow + nt * 8 + 2 * t4) = pack2<T>(o[nt][2 * r] * inv, o[nt][2 * r + 1] * inv);
-    if (p.lse && t4 == 0) p.lse[lse_index(p, sq, h, i)] = lr > 0.f ? (m[r] + log2f(lr)) * kLn2 : -INFINITY;
+    if (p.lse && t4 == 0)
+      p.lse[lse_index(p, sq, h, i)] = lr > 0.f ? (m[r] + log2f(lr)) * kLn2 : (lr == 0.f ? -INFINITY : lr);
   }
 }
 

@@ -61,9 +61,12 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const Params p) {
       __syncthreads();
       if (active && slice == 0) {
         A m = neg_inf<A>();
-        for (int s = 0; s < wpr; ++s) m = fmax(m, sh_m[slot + s * slots]);
+        bool nan = false;  // a slice whose scores were NaN poisons the row (inv_row_sum)
+        for (int s = 0; s < wpr; ++s)
+          m = fmax(m, sh_m[slot + s * slots]), nan |= sh_l[slot + s * slots] != sh_l[slot + s * slots];
         st.init();
         st.m = m;
+        if (nan) st.l = A(NAN);
         if (m != neg_inf<A>()) {
           for (int s = 0; s < wpr; ++s) {
             const int w = slot + s * slots;
@@ -82,13 +85,13 @@ __global__ void __launch_bounds__(kThreads) decode_kernel(const Params p) {
     } else {  // this chunk's (normalized out, lse) for the merge
       const int64_t w = lse_index(p, sq, h, i) * n_splits + split;
       A* po = static_cast<A*>(p.partial_out) + w * D;
-      const A inv = st.l > A(0) ? A(1) / st.l : A(0);
+      const A inv = inv_row_sum(st.l);
 #pragma unroll
       for (int t = 0; t < NPL; ++t) {
         const int d = lane + 32 * t;
         if (d < D) po[d] = st.acc[t] * inv;
       }
-      if (lane == 0) static_cast<A*>(p.partial_lse)[w] = st.l > A(0) ? st.m + log_acc(st.l) : neg_inf<A>();
+      if (lane == 0) static_cast<A*>(p.partial_lse)[w] = row_lse(st.m, st.l);
     }
   }
 }
@@ -107,10 +110,12 @@ __global__ void __launch_bounds__(kThreads) merge_kernel(const Params p, int n_r
   const A* plse = static_cast<const A*>(p.partial_lse) + w0;
   const A* pout = static_cast<const A*>(p.partial_out) + w0 * D;
   A m = neg_inf<A>();
-  for (int64_t s = 0; s < n_splits; ++s) m = fmax(m, plse[s]);
+  bool nan = false;  // a chunk with NaN scores has a NaN lse: the row's output is NaN, not 0
+  for (int64_t s = 0; s < n_splits; ++s) m = fmax(m, plse[s]), nan |= plse[s] != plse[s];
   RowState<A, NPL> st;
   st.init();
   st.m = m;
+  if (nan) st.l = A(NAN);
   if (m != neg_inf<A>()) {
     for (int64_t s = 0; s < n_splits; ++s) {
       const A f = fast_exp(plse[s] - m);  // 0 for an empty chunk (lse -inf)
