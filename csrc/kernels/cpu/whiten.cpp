@@ -15,17 +15,24 @@ constexpr int64_t kChunk = 1 << 15;
 struct Stats { double n, mean, m2; };
 
 // Valid elements of [i0, i1) as numbers (1/0), not bools, so that the loops vectorize.
+// The sum runs over x - shift, shift = the chunk's first valid element (as group_advantages
+// shifts): equal inputs then give a mean equal to them and deviations of exactly 0, where a plain
+// fp32 sum rounds and whitening would blow the rounding up into noise of ~1e-3.
 template <typename S, typename A, bool kMask>
 Stats chunk_stats(const S* x, const uint8_t* mask, int64_t i0, int64_t i1) {
+  int64_t first = i0;
+  if constexpr (kMask)
+    while (first < i1 && !mask[first]) ++first;
+  const A shift = first < i1 ? load<A>(x + first) : A(0);
   A sum = 0, cnt = 0;
 #pragma omp simd reduction(+ : sum, cnt)
   for (int64_t i = i0; i < i1; ++i) {
     const A v = kMask ? (mask[i] ? A(1) : A(0)) : A(1);
-    const A xv = load<A>(x + i);
+    const A xv = load<A>(x + i) - shift;
     sum += v > A(0) ? xv : A(0);  // select: masked NaN/Inf never enter
     cnt += v;
   }
-  const A mean = cnt > A(0) ? sum / cnt : A(0);
+  const A mean = cnt > A(0) ? shift + sum / cnt : A(0);
   A sq = 0;
 #pragma omp simd reduction(+ : sq)
   for (int64_t i = i0; i < i1; ++i) {

@@ -20,17 +20,21 @@ int num_blocks(int64_t n) {
   return int(want < 1 ? 1 : (want > kMaxBlocks ? kMaxBlocks : want));
 }
 
+// Sums of x are fp64 for every dtype: equal inputs then give a mean exactly equal to them (the
+// sum of n equal fp32 values is exact in fp64) and deviations of exactly 0, where an fp32 sum
+// rounds and whitening would blow the rounding up into noise of ~1e-3.
 template <typename A>
 struct Workspace {
-  A* sum;    // [nb]
-  A* count;  // [nb]
-  A* sq;     // [nb]
+  double* sum;  // [nb]
+  A* count;     // [nb]
+  A* sq;        // [nb]
 };
 
 template <typename A>
 Workspace<A> carve(void* ws, int nb) {
-  A* base = static_cast<A*>(ws);
-  return Workspace<A>{base, base + nb, base + 2 * nb};
+  double* sum = static_cast<double*>(ws);
+  A* rest = reinterpret_cast<A*>(sum + nb);
+  return Workspace<A>{sum, rest, rest + nb};
 }
 
 // Sum of the nb partials, by every thread of the block (identical result in every block).
@@ -44,23 +48,26 @@ __device__ A reduce_partials(const A* part, int nb, A* smem) {
 template <typename S, typename A>
 __global__ void __launch_bounds__(kThreads) partial_sums(Params p, Workspace<A> ws) {
   __shared__ A smem[32];
+  __shared__ double dsmem[32];
   const S* x = static_cast<const S*>(p.x);
-  A sum = 0, cnt = 0;
+  double sum = 0;
+  A cnt = 0;
   for (int64_t i = int64_t(blockIdx.x) * kThreads + threadIdx.x; i < p.n; i += int64_t(gridDim.x) * kThreads) {
     const bool valid = p.mask ? p.mask[i] != 0 : true;
-    sum += valid ? cuda::load<A>(x + i) : A(0);
+    sum += valid ? double(cuda::load<A>(x + i)) : 0.0;
     cnt += valid ? A(1) : A(0);
   }
-  sum = cuda::block_sum(sum, smem);
+  sum = cuda::block_sum(sum, dsmem);
   cnt = cuda::block_sum(cnt, smem);
   if (threadIdx.x == 0) ws.sum[blockIdx.x] = sum, ws.count[blockIdx.x] = cnt;
 }
 
 template <typename A>
 __device__ A mean_of(const Workspace<A>& ws, int nb, A* smem, A& count) {
-  const A sum = reduce_partials(ws.sum, nb, smem);
+  __shared__ double dsmem[32];
+  const double sum = reduce_partials(ws.sum, nb, dsmem);
   count = reduce_partials(ws.count, nb, smem);
-  return count > A(0) ? sum / count : A(0);
+  return count > A(0) ? A(sum / double(count)) : A(0);
 }
 
 template <typename S, typename A>

@@ -20,7 +20,11 @@ def whiten(
     valid = mask if mask is not None else torch.ones_like(x, dtype=torch.bool)
     zero = torch.zeros_like(xa)
     n = valid.sum().to(xa.dtype)
-    mean = torch.where(valid, xa, zero).sum() / n.clamp(min=1)  # masked NaN/Inf never enter
+    # summed relative to the first valid element (as the kernel): equal inputs give their value as
+    # the mean exactly, hence deviations of exactly 0 (a plain fp32 sum rounds)
+    first = xa[valid][:1].detach()
+    shift = first[0] if first.numel() else torch.zeros((), dtype=xa.dtype)
+    mean = shift + torch.where(valid, xa - shift, zero).sum() / n.clamp(min=1)  # masked NaN/Inf never enter
     sq = torch.where(valid, (xa - mean) ** 2, zero).sum()
     denom = n - 1 if unbiased else n
     var = torch.where(denom > 0, sq / denom.clamp(min=1), torch.zeros_like(sq))
