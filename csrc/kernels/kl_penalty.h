@@ -4,6 +4,7 @@
 //   k2  = d^2 / 2
 //   k3  = exp(-d) + d - 1           ("low-variance KL"; as verl: the log-ratio -d is clamped to
 //                                    [-20, 20] and the estimate to at most 10)
+//   k3 unclamped: the same without either clamp (as TRL; for -d past ~88 exp overflows in fp32)
 //   abs = |d|
 // All depend on d only, so d/d ref = -d/d logp.
 #pragma once
@@ -13,7 +14,7 @@
 
 namespace fastrlhf::kernels::kl_penalty {
 
-enum class Estimator : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3 };
+enum class Estimator : int { kK1 = 0, kK2 = 1, kK3 = 2, kAbs = 3, kK3Unclamped = 4 };
 
 constexpr double kK3LogRatioClamp = 20.0;
 constexpr double kK3Max = 10.0;
@@ -25,6 +26,7 @@ FRL_HD A value(Estimator est, A logp, A ref) {
     case Estimator::kK1: return d;
     case Estimator::kK2: return A(0.5) * d * d;
     case Estimator::kAbs: return d < A(0) ? -d : d;
+    case Estimator::kK3Unclamped: return fast_exp(-d) + d - A(1);
     case Estimator::kK3: break;
   }
   A lr = -d;  // log(ref / pi)
@@ -41,6 +43,7 @@ FRL_HD A grad(Estimator est, A logp, A ref) {
     case Estimator::kK1: return A(1);
     case Estimator::kK2: return d;
     case Estimator::kAbs: return d > A(0) ? A(1) : (d < A(0) ? A(-1) : A(0));
+    case Estimator::kK3Unclamped: return A(1) - fast_exp(-d);
     case Estimator::kK3: break;
   }
   const A lr = -d;

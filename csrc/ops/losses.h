@@ -27,7 +27,7 @@ struct KlCall {
 inline KlCall prepare_kl(const Tensor& logprobs, const Tensor& ref, int64_t estimator,
                          const std::optional<Tensor>& grad) {
   check_float(logprobs, "logprobs");
-  TORCH_CHECK(estimator >= 0 && estimator <= 3, "fastrlhf: kl estimator code must be 0..3, got ", estimator);
+  TORCH_CHECK(estimator >= 0 && estimator <= 4, "fastrlhf: kl estimator code must be 0..4, got ", estimator);
   KlCall c;
   c.dtype = to_kernel_dtype(logprobs.scalar_type());
   c.logprobs = logprobs.contiguous();
@@ -61,7 +61,7 @@ inline PolicyLossCall prepare_policy_loss(const Tensor& logprobs, const Tensor& 
                                           double dual_clip, double kl_coef, int64_t kl_estimator, double entropy_coef) {
   TORCH_CHECK(logprobs.dim() == 2, "fastrlhf: logprobs must be [B, T], got ", logprobs.sizes());
   check_float(logprobs, "logprobs");
-  TORCH_CHECK(kl_estimator >= 0 && kl_estimator <= 3, "fastrlhf: kl estimator code must be 0..3");
+  TORCH_CHECK(kl_estimator >= 0 && kl_estimator <= 4, "fastrlhf: kl estimator code must be 0..4");
   PolicyLossCall c;
   c.dtype = to_kernel_dtype(logprobs.scalar_type());
   c.logprobs = logprobs.contiguous();

@@ -146,7 +146,7 @@ def test_kl_module_face():
         (lambda a, b: kl_penalty(a, b.long()), TypeError, "ref_logprobs"),
         (lambda a, b: kl_penalty(a, b.tolist()), TypeError, "ref_logprobs"),
         (lambda a, b: kl_penalty(a, b, impl="cuda"), ValueError, "impl"),
-        (lambda a, b: torch.ops.fastrlhf.kl_penalty.default(a, b, 4), RuntimeError, "estimator"),
+        (lambda a, b: torch.ops.fastrlhf.kl_penalty.default(a, b, 5), RuntimeError, "estimator"),
         (lambda a, b: torch.ops.fastrlhf.kl_penalty.default(a, b[:2], 0), RuntimeError, "ref_logprobs"),
     ],
 )
@@ -156,3 +156,22 @@ def test_kl_bad_input_names_the_argument(call, exc, match):
         call(lp, ref)
 
 
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_k3_without_clamps_is_trls_formula(device):
+    d = torch.tensor([-30.0, -5.0, -2.7, -1e-3, 0.0, 0.5, 3.0, 25.0], dtype=torch.float64, device=device)
+    ref = torch.full_like(d, -1.0)
+    lp = (ref + d).requires_grad_()
+    for impl in ("kernel", "reference"):
+        lp.grad = None
+        out = kl_penalty(lp, ref, estimator="k3", k3_clamp=False, impl=impl)
+        out.sum().backward()
+        # d is computed from lp - ref (one rounding): compare in absolute terms near d = 0
+        torch.testing.assert_close(out, torch.exp(-d) + d - 1, rtol=1e-12, atol=1e-15)
+        torch.testing.assert_close(lp.grad, 1 - torch.exp(-d), rtol=1e-12, atol=1e-15)
+    clamped = kl_penalty(lp, ref, estimator="k3", impl="kernel")
+    assert clamped[0].item() == 10.0 and clamped[1].item() == 10.0  # verl's cap binds below d ~ -2.6
+    with pytest.raises(TypeError, match="k3_clamp must be True or False"):
+        kl_penalty(lp, ref, estimator="k3", k3_clamp="no")
+    assert kl_penalty(lp, ref, estimator="k1", k3_clamp=False).equal(kl_penalty(lp, ref, estimator="k1"))

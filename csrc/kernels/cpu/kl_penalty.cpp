@@ -31,6 +31,7 @@ Status launch_cpu(const Params& p, DType dtype, bool backward, const cpu::Parall
       case Estimator::kK2: return run<S, Estimator::kK2>(p, backward, parallel_for);
       case Estimator::kK3: return run<S, Estimator::kK3>(p, backward, parallel_for);
       case Estimator::kAbs: return run<S, Estimator::kAbs>(p, backward, parallel_for);
+      case Estimator::kK3Unclamped: return run<S, Estimator::kK3Unclamped>(p, backward, parallel_for);
     }
   });
   return Status::kOk;

@@ -117,6 +117,7 @@ void with_flags(const Params& p, bool ent, F&& f) {
     case Estimator::kK2: return dual_ent.template operator()<Estimator::kK2, true>();
     case Estimator::kK3: return dual_ent.template operator()<Estimator::kK3, true>();
     case Estimator::kAbs: return dual_ent.template operator()<Estimator::kAbs, true>();
+    case Estimator::kK3Unclamped: return dual_ent.template operator()<Estimator::kK3Unclamped, true>();
   }
 }
 

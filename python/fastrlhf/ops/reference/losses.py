@@ -8,7 +8,8 @@ import torch
 from fastrlhf.ops.reference._acc import acc_dtype
 
 
-def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1") -> torch.Tensor:
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator: str = "k1",
+               k3_clamp: bool = True) -> torch.Tensor:
     d = logprobs - ref_logprobs
     if estimator == "k1":
         return d
@@ -16,6 +17,8 @@ def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, *, estimator:
         return 0.5 * d * d
     if estimator == "abs":
         return d.abs()
+    if not k3_clamp:  # as TRL
+        return torch.exp(-d) + d - 1
     # k3 / low-variance KL with verl's clamps
     lr = (-d).clamp(-20.0, 20.0)
     return (lr.exp() - lr - 1).clamp(max=10.0)
@@ -44,7 +47,7 @@ def aggregate(token_loss, mask, agg: str, normalizer=None, norm_length=None):
 
 
 def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_high=None, dual_clip=None,
-                ref_logprobs=None, kl_coef=0.0, kl_estimator="k3", entropy=None, entropy_coef=0.0,
+                ref_logprobs=None, kl_coef=0.0, kl_estimator="k3", kl_k3_clamp=True, entropy=None, entropy_coef=0.0,
                 agg="token-mean", normalizer=None, norm_length=None):
     """-> (loss, stats dict) computed with eager tensor ops."""
     acc = acc_dtype(logprobs.dtype)
@@ -63,7 +66,7 @@ def policy_loss(logprobs, old_logprobs, advantages, mask, *, clip_low=0.2, clip_
     token_loss = pg
     kl = torch.zeros_like(lp)
     if ref_logprobs is not None:
-        kl = kl_penalty(lp, ref_logprobs.to(acc), estimator=kl_estimator)
+        kl = kl_penalty(lp, ref_logprobs.to(acc), estimator=kl_estimator, k3_clamp=kl_k3_clamp)
         token_loss = token_loss + kl_coef * kl
     ent = entropy.to(acc) if entropy is not None else torch.zeros_like(lp)
     if entropy is not None:
