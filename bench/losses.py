@@ -34,7 +34,8 @@ KW = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_estimato
 
 
 def kernel_objective(lp, old, ref, adv, ent, v, old_v, ret, mask):
-    pl, ps = fastrlhf.ops.policy_loss(lp, old, adv, mask, ref_logprobs=ref, entropy=ent, impl="kernel", **KW)
+    pl, ps = fastrlhf.ops.policy_loss(lp, old, adv, mask, ref_logprobs=ref, entropy=ent, impl="kernel",
+                                      validate=False, **KW)  # the eager baseline checks nothing either
     vl, vs = fastrlhf.ops.value_loss(v, old_v, ret, mask, clip=0.2, impl="kernel")
     return pl + 0.5 * vl, ps, vs
 

@@ -495,3 +495,31 @@ def test_fractional_masks_are_refused_not_read_as_true(value):
     ok = inp["mask"].double()  # 0.0 / 1.0 numbers are fine
     torch.testing.assert_close(policy_loss(inp["logprobs"], inp["old_logprobs"], inp["advantages"], ok)[0],
                                policy_loss(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"])[0])
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+@pytest.mark.parametrize("name,value", [("old_logprobs", -float("inf")), ("logprobs", float("nan")),
+                                        ("advantages", float("inf"))])
+def test_non_finite_inputs_at_valid_tokens_are_refused(impl, name, value):
+    """An old log-prob of -inf gave approx_kl = -inf (kernel) / NaN (reference) and a ratio_max of
+    1.65e38; such an input is now refused, naming the tensor and the token."""
+    inp = _p()
+    inp[name] = inp[name].clone()
+    inp[name][1, 2] = value
+    inp["mask"][1, 2] = True
+    with pytest.raises(ValueError, match=rf"{name}\[1, 2\] = .* at a valid token; it must be finite"):
+        policy_loss(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"], impl=impl)
+    inp["mask"][1, 2] = False  # at a masked token it does not matter
+    loss, st = policy_loss(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"], impl=impl)
+    assert torch.isfinite(loss) and st["approx_kl"] >= 0
+
+
+@pytest.mark.parametrize("impl", ["kernel", "reference"])
+def test_kl_k3_clamp_passes_through(impl):
+    inp = _p()
+    ref = inp["logprobs"] + 5.0  # d = -5: the clamped k3 is capped at 10, the unclamped one is e^5 - 6
+    kw = dict(ref_logprobs=ref, kl_coef=1.0, kl_estimator="k3", impl=impl)
+    _, clamped = policy_loss(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"], **kw)
+    _, raw = policy_loss(inp["logprobs"], inp["old_logprobs"], inp["advantages"], inp["mask"], kl_k3_clamp=False, **kw)
+    assert clamped["kl"].item() == pytest.approx(10.0)
+    assert raw["kl"].item() == pytest.approx(math.exp(5.0) - 6.0, rel=1e-5)

@@ -68,11 +68,13 @@ def policy_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: KLEstimator = "k3",
+    kl_k3_clamp: bool = True,
     entropy: torch.Tensor | None = None,
     entropy_coef: float = 0.0,
     agg: AggMode = "token-mean",
     normalizer: float | None = None,
     norm_length: float | None = None,
+    validate: bool = True,
     impl: Impl = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped policy-gradient loss of PPO / GRPO and its diagnostics (see the module doc).
@@ -89,6 +91,7 @@ def policy_loss(
         ref_logprobs: ``[B, T]`` reference-policy log-probs, needed when ``kl_coef != 0``.
         kl_coef: weight of the KL-to-reference term inside the loss (GRPO's beta).
         kl_estimator: the per-token KL estimate (see :func:`kl_penalty`).
+        kl_k3_clamp: verl's clamps on k3 (see :func:`kl_penalty`'s ``k3_clamp``).
         entropy: ``[B, T]`` per-token entropies for the bonus (differentiable).
         entropy_coef: weight of the entropy bonus (subtracted from the loss).
         agg: how tokens become a scalar: ``token-mean``, ``seq-mean-token-mean`` (GRPO),
@@ -97,6 +100,10 @@ def policy_loss(
             sequences for the seq-mean modes) when the batch is split into micro-batches or
             ranks; None: this batch's own count.
         norm_length: Dr. GRPO's constant length (default T).
+        validate: refuse non-finite ``logprobs``, ``old_logprobs``, ``advantages``, ``ref_logprobs`` or
+            ``entropy`` at valid tokens (a ValueError naming the tensor and the token). This reads the
+            values (a GPU sync); with ``validate=False`` such inputs are not checked and the loss and
+            stats are meaningless (e.g. an ``old_logprobs`` of -inf gives an infinite ratio).
         impl: ``"auto"``, ``"kernel"`` or ``"reference"``.
 
     Returns:
@@ -125,12 +132,15 @@ def policy_loss(
             raise ValueError(f"fastrlhf.ops.{op}: dual_clip must be > 1 (e.g. 3.0), got {dual_clip}")
     kl_coef = check_finite_scalar(op, "kl_coef", kl_coef)
     entropy_coef = check_finite_scalar(op, "entropy_coef", entropy_coef)
-    est = estimator_code(op, kl_estimator, "kl_estimator")
+    est = estimator_code(op, kl_estimator, "kl_estimator", k3_clamp=kl_k3_clamp)
     agg_i = agg_code(op, agg)
     normalizer_f = positive_or_none(op, "normalizer", normalizer)
     norm_length_f = positive_or_none(op, "norm_length", norm_length)
     forbid_grad(op, differentiable="logprobs and entropy", old_logprobs=old_logprobs, advantages=advantages,
                 ref_logprobs=ref_logprobs)
+    if validate and not torch.compiler.is_compiling():
+        check_finite_at(op, mask, logprobs=logprobs, old_logprobs=old_logprobs, advantages=advantages,
+                        ref_logprobs=ref_logprobs, entropy=entropy)
 
     dtype = common_float_dtype(logprobs, old_logprobs, advantages, ref_logprobs, entropy)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
@@ -144,9 +154,25 @@ def policy_loss(
         return loss, dict(zip(STAT_NAMES, stats.unbind(0)))
     return reference.policy_loss(
         logprobs, old_logprobs, advantages, mask, clip_low=clip_low, clip_high=clip_high, dual_clip=dual_clip,
-        ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator, entropy=entropy,
+        ref_logprobs=ref_logprobs, kl_coef=kl_coef, kl_estimator=kl_estimator, kl_k3_clamp=kl_k3_clamp,
+        entropy=entropy,
         entropy_coef=entropy_coef, agg=agg, normalizer=normalizer, norm_length=norm_length,
     )
+
+
+def check_finite_at(op: str, mask: torch.Tensor, **tensors) -> None:
+    """Every given ``[B, T]`` tensor is finite where ``mask`` is set; else a ValueError naming the
+    tensor, the first bad token and its value."""
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        bad = ~torch.isfinite(t) & mask
+        if bool(bad.any()):
+            b, j = bad.nonzero()[0].tolist()
+            hint = (" (the policy that sampled this token gave it probability 0?)" if name == "old_logprobs"
+                    else "")
+            raise ValueError(f"fastrlhf.ops.{op}: {name}[{b}, {j}] = {t[b, j].item()} at a valid token; it must be "
+                             f"finite{hint}. Pass validate=False to skip this check")
 
 
 class PolicyLoss(nn.Module):
