@@ -22,7 +22,8 @@ $(STAMP):
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==$(TORCH_VERSION)" "scikit-build-core>=0.10" ninja "cmake>=3.26" numpy "pytest>=8" "hypothesis>=6" \
 		"safetensors>=0.4" "tokenizers>=0.19" "jinja2>=3.1" "transformers>=4.45" \
-		"ruff==0.17.6" "clang-format==23.1.5"
+		"ruff==0.17.6" "clang-format==23.1.5" \
+		"rich>=13" "starlette>=0.37" "uvicorn>=0.30" "selenium>=4.11" "pexpect>=4.8"
 	touch $@
 
 venv: $(STAMP)
