@@ -370,28 +370,36 @@ class CausalLM(nn.Module):
         hidden = self.model(input_ids, attention_mask, position_ids=position_ids, cu_seqlens=cu_seqlens, cache=cache)
         return hidden if return_hidden else self.logits(hidden)
 
+    def lm_head_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The LM head's ``[V, C]`` weight as the fused ops take it: a LoRA adapter on the head merged
+        in, cast (differentiably) to ``dtype`` when given (hidden states made under autocast)."""
+        w = self.lm_head.merged_weight() if hasattr(self.lm_head, "merged_weight") else self.lm_head.weight
+        return w if dtype is None or w.dtype == dtype else w.to(dtype)
+
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                       temperature: float = 1.0, return_entropy: bool = False, chunk_size: int | None = None):
+                       cu_seqlens: torch.Tensor | None = None, temperature: float = 1.0,
+                       return_entropy: bool = False, chunk_size: int | None = None):
         """Log-prob of every next token, ``[B, T - 1]`` fp32 (position t scores ``input_ids[:, t + 1]``
         given the prefix), from the hidden states through ``ops.linear_token_logprobs``: the
         ``[B, T, V]`` logits are never materialized. Entries whose target is padding are
         meaningless; mask them with ``attention_mask[:, 1:]``.
 
         Args:
-            input_ids: ``[B, T]`` token ids.
+            input_ids: ``[B, T]`` token ids (``[N]`` packed with ``cu_seqlens``: the result is ``[N - 1]``,
+                and positions that end a sequence score the next sequence's first token: mask them).
             attention_mask: ``[B, T]``, 1 on valid tokens (left or right padding).
+            cu_seqlens: ``[S + 1]`` boundaries of packed sequences.
             temperature: score ``softmax(logits / temperature)`` (the sampling temperature of a rollout).
             return_entropy: also return the entropy of each position's distribution ``[B, T - 1]``.
             chunk_size: tokens per chunk of the fused LM head (default: the op's).
         """
-        hidden = self(input_ids, attention_mask, return_hidden=True)  # (B, T, C)
-        # a LoRA adapter on the LM head counts (LoRALinear.merged_weight)
-        weight = self.lm_head.merged_weight() if hasattr(self.lm_head, "merged_weight") else self.lm_head.weight
-        return ops.linear_token_logprobs(hidden[:, :-1], weight, input_ids[:, 1:],
-                                         temperature=temperature, return_entropy=return_entropy,
-                                         chunk_size=chunk_size)
+        hidden = self(input_ids, attention_mask, cu_seqlens=cu_seqlens, return_hidden=True)  # (B, T, C) / (N, C)
+        h, targets = (hidden[:-1], input_ids[1:]) if cu_seqlens is not None else (hidden[:, :-1], input_ids[:, 1:])
+        return ops.linear_token_logprobs(h, self.lm_head_weight(h.dtype), targets, temperature=temperature,
+                                         return_entropy=return_entropy, chunk_size=chunk_size)
 
     def token_loss(self, input_ids: torch.Tensor, loss_fn, attention_mask: torch.Tensor | None = None, *,
+                   cu_seqlens: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
                    temperature: float = 1.0, chunk_rows: int | None = None) -> ops.LinearTokenLossOutput:
         """A loss of the next-token log-probs known up front (PPO/GRPO, SFT), through
         ``ops.linear_token_loss``: ``loss_fn(logprobs [b, T - 1], entropy [b, T - 1], rows)`` is
@@ -401,15 +409,20 @@ class CausalLM(nn.Module):
         Returns ``(loss, logprobs, entropy)``, the last two ``[B, T - 1]`` and detached.
 
         Args:
-            input_ids: ``[B, T]`` token ids.
+            input_ids: ``[B, T]`` token ids (``[N]`` packed with ``cu_seqlens``: ``loss_fn`` then gets flat
+                ``[n]`` chunks of the ``N - 1`` targets; mask the positions that end a sequence).
             loss_fn: ``(logprobs [b, T - 1], entropy [b, T - 1], rows: slice) -> loss []``, a sum over rows.
             attention_mask: ``[B, T]``, 1 on valid tokens.
+            cu_seqlens: ``[S + 1]`` boundaries of packed sequences.
+            hidden: the final hidden states of ``input_ids`` when the caller already has them (a value
+                head on the same trunk); the forward is skipped.
             temperature: as in :meth:`token_logprobs`.
-            chunk_rows: sequences per chunk (default: about 2^24 logits, at least one sequence).
+            chunk_rows: sequences (packed: tokens) per chunk (default: about 2^24 logits).
         """
-        hidden = self(input_ids, attention_mask, return_hidden=True)  # (B, T, C)
-        weight = self.lm_head.merged_weight() if hasattr(self.lm_head, "merged_weight") else self.lm_head.weight
-        return ops.linear_token_loss(hidden[:, :-1], weight, input_ids[:, 1:], loss_fn, temperature=temperature,
+        if hidden is None:
+            hidden = self(input_ids, attention_mask, cu_seqlens=cu_seqlens, return_hidden=True)  # (B, T, C)
+        h, targets = (hidden[:-1], input_ids[1:]) if cu_seqlens is not None else (hidden[:, :-1], input_ids[:, 1:])
+        return ops.linear_token_loss(h, self.lm_head_weight(h.dtype), targets, loss_fn, temperature=temperature,
                                      chunk_rows=chunk_rows)
 
     def post_load(self) -> None:
