@@ -46,7 +46,7 @@ demo: build
 	$(PY) bench/all.py --only gae,group_advantages,whiten,td_targets,losses,sample,generate $(BENCH_ARGS)
 
 bench: build
-	$(PY) bench/all.py $(BENCH_ARGS)
+	$(PY) bench/all.py --out bench/results $(BENCH_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

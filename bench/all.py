@@ -1,14 +1,17 @@
-"""Run every benchmark in bench/ in one process and print one table (``make bench``); the table
-is also written to bench/results/summary-<cpu|cuda>.txt.
+"""Run every benchmark in bench/ in one process and print one table (``make bench``). Each script's
+result goes to ``--out`` (default bench/out/, untracked; ``make bench`` passes --out
+bench/results, the committed results), and so does summary-<kind>.txt: this run's rows merged
+with the rows of the benchmarks not run this time, kept from the result files already in that
+directory and marked with the date of their run.
 
-Usage: python bench/all.py [--quick] [--device cpu|cuda] [--only gae,whiten]
-       python bench/all.py --summarize [--device ...]   (table from the saved results only)
+Usage: python bench/all.py [--quick] [--device cpu|cuda] [--only gae,whiten] [--out DIR]
+       python bench/all.py --summarize [--device ...] [--out DIR]   (table of the saved results only)
 """
 
 from __future__ import annotations
 
+import glob
 import importlib
-import json
 import os
 import sys
 import time
@@ -32,46 +35,83 @@ def main(argv=None) -> int:
     unknown = sorted(set(names) - set(BENCHES))
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {BENCHES}")
-    forwarded = ["--device", args.device] + ["--quick"] * args.quick + ["--no-save"] * args.no_save
+    kind = H.result_kind(args.device, args.quick)
+    if args.summarize:
+        only = set(names) if args.only else None
+        rows, labels, _ = merged_rows(args.out, kind, {}, "", only)
+        if not rows:
+            print(f"no {kind} results under {H.shown_path(args.out)}")
+            return 1
+        print(H.format_table(rows, labels))
+        if not args.no_save:
+            write_summary(args.out, kind, {}, "", only)
+        return 0
+    forwarded = ["--device", args.device, "--out", args.out, "--no-table"] + ["--quick"] * args.quick
+    forwarded += ["--no-save"] * args.no_save
     if args.repeat is not None:
         forwarded += ["--repeat", str(args.repeat)]
-    kind = "cpu" if args.device == "cpu" else "cuda"
-    rows = []
-    if args.summarize:
-        for name in names:
-            path = os.path.join(H.RESULTS_DIR, f"{name}-{kind}.json")
-            if os.path.exists(path):
-                with open(path) as f:
-                    rows += [H.Row(**r) for r in json.load(f)["rows"]]
-        write_summary(rows, kind, "from saved results")
-        return 0
     t0 = time.time()
+    date = H.now()
+    results: dict[str, dict] = {}
     try:
         for i, name in enumerate(names, 1):
             print(f"[{i}/{len(names)}] bench/{name}.py ...", flush=True)
-            result = importlib.import_module(name).main(forwarded)
-            rows += [H.Row(**r) for r in result["rows"]]
+            results[name] = importlib.import_module(name).main(forwarded)
     except KeyboardInterrupt:
-        print("\ninterrupted: results of the finished benchmarks are already under bench/results/")
+        saved = "nothing was saved (--no-save)" if args.no_save else \
+            f"results of the finished benchmarks are already under {H.shown_path(args.out)}/"
+        print(f"\ninterrupted: {saved}")
         return 130
+    rows = [H.Row(**r) for name in names for r in results[name]["rows"]]
     print(f"\n== all benchmarks ({time.time() - t0:.0f} s) ==")
-    if args.quick or args.no_save:
-        print(H.format_table(rows))
-    else:
-        write_summary(rows, kind, f"one run, {time.time() - t0:.0f} s")
+    print(H.format_table(rows))  # this run's rows, once (the scripts printed no table of their own)
+    if not args.no_save:
+        write_summary(args.out, kind, results, date)
     return 0
 
 
-def write_summary(rows, kind: str, how: str) -> None:
-    table = H.format_table(rows)
-    print(table)
-    os.makedirs(H.RESULTS_DIR, exist_ok=True)
-    path = os.path.join(H.RESULTS_DIR, f"summary-{kind}.txt")
+def merged_rows(out_dir: str, kind: str, results: dict[str, dict], date: str, only: set[str] | None = None):
+    """This run's rows (``results``: bench name -> result) and, for every other benchmark with a
+    ``<name>-<kind>.json`` in ``out_dir`` (those in ``only`` when given), the rows saved there; each
+    row labelled with the date of its run. Returns (rows, labels, {bench: label} of the benchmarks
+    kept from earlier runs)."""
+    saved = {os.path.basename(f)[: -len(f"-{kind}.json")]: f
+             for f in glob.glob(os.path.join(out_dir, f"*-{kind}.json"))}
+    order = BENCHES + sorted(set(saved) - set(BENCHES))
+    rows: list[H.Row] = []
+    labels: list[str] = []
+    kept: dict[str, str] = {}
+    this_run = date[:16].replace("T", " ")
+    for name in order:
+        if name in results:
+            new = [H.Row(**r) for r in results[name]["rows"]]
+            label = this_run
+        elif name in saved and (only is None or name in only):
+            result, new = H.load_result(saved[name])
+            label = kept[name] = H.run_date(saved[name], result)
+        else:
+            continue
+        rows += new
+        labels += [label] * len(new)
+    return rows, labels, kept
+
+
+def write_summary(out_dir: str, kind: str, results: dict[str, dict], date: str,
+                  only: set[str] | None = None) -> None:
+    rows, labels, kept = merged_rows(out_dir, kind, results, date, only)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"summary-{kind}.txt")
+    ran = ", ".join(results) or "none (--summarize)"
+    earlier = ", ".join(f"{name} ({label})" for name, label in kept.items()) or "none"
     with open(path, "w") as f:
-        f.write(f"# fastrlhf benchmarks on {kind} ({how}); per-op JSON beside this file has the machine\n")
-        f.write("# and the bandwidth / matmul ceilings measured in the same run as each op.\n")
-        f.write(table + "\n")
-    print(f"   wrote {os.path.relpath(path)}")
+        f.write(f"# fastrlhf benchmarks on {kind}, written {H.now()[:16].replace('T', ' ')} by bench/all.py\n")
+        f.write(f"# run this time: {ran}\n# kept from earlier runs (their JSON beside this file): {earlier}\n")
+        f.write("# The run column dates each row's run; each op's JSON has the machine and the bandwidth / matmul\n")
+        f.write("# ceilings measured in the same run as the op.\n")
+        f.write(H.format_table(rows, labels) + "\n")
+    n_new = sum(len(r["rows"]) for r in results.values())
+    print(f"   wrote {H.shown_path(path)}: {n_new} rows of this run + {len(rows) - n_new} kept from earlier runs"
+          + (f" ({earlier})" if kept else ""))
 
 
 if __name__ == "__main__":
