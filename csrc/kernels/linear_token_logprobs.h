@@ -16,10 +16,10 @@
 // (h^T in 32-token strips; in the backward h in 32-column strips too: 2 x nc x H floats, padded
 // to 32) and each work unit packs its operand strips (<= 112 x max(H, nc) or 2048 x 32 floats,
 // freed after each product).
-// GEMMs: fp32 on AVX-512 builds runs cpu/sgemm.h's micro-kernel on packed strips (~95% of the
-// FMA peak; MKL reached 84-87% on these panels) for chunks of >= 32 tokens; fp64, other targets
-// and smaller chunks run fixed panels of single-threaded calls of the injected BLAS (vocab-major,
-// the orientation MKL runs fastest).
+// GEMMs: fp32 on AVX-512 builds runs cpu/sgemm.h's micro-kernel on packed strips for chunks of
+// >= 32 tokens (timed against the eager MKL composition in the linear_token_logprobs rows of
+// bench/results/token_logprobs-cpu.json); fp64, other targets and smaller chunks run fixed panels
+// of single-threaded calls of the injected BLAS (vocab-major, the orientation MKL runs fastest).
 // Either way work units split only output entries, each a sum in a fixed order: for given tile
 // sizes, results do not depend on the thread count.
 #pragma once

@@ -320,7 +320,7 @@ void decode_forward(const Params& p, const cpu::ParallelFor& parallel_for) {
   int64_t max_rows = 0;
   for (int64_t b = 0; b < p.n_seq; ++b) max_rows = std::max(max_rows, group * p.seqs[b].q_len);
   // keys per tile: 32 KiB of K (and of V), read once per pair of rows from L1/L2; a tile this
-  // size amortizes the per-row softmax step (64 keys at D = 128 cost ~25% less per key than 16)
+  // size amortizes the per-row softmax step over more keys than a small one
   const int64_t tile = std::clamp<int64_t>(32768 / (D * int64_t(sizeof(A))), 8, kBK);
   const bool fast = std::is_same_v<A, float> && decode_tile_f32_supported(D);
   std::vector<int64_t> cost(p.n_seq * p.Hkv);

@@ -3,7 +3,7 @@
 // Many rows: rows are split across threads; within a thread kRows rows are scanned together,
 // interleaved, so that kRows independent dependency chains hide the latency of the scan. For
 // fp32 on AVX2 machines the kRows = 8 rows are the lanes of one vector: 8x8 blocks are
-// transposed in registers on the way in and out (about 2x the scalar interleaved loop).
+// transposed in registers on the way in and out.
 // Few long rows: each row is cut into kChunk-step chunks; pass 1 computes every chunk's affine
 // map in parallel, a short serial pass turns them into carry-in states, pass 2 replays each
 // chunk from its carry-in in parallel.

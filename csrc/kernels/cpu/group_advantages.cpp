@@ -8,7 +8,7 @@ namespace fastrlhf::kernels::group_advantages {
 namespace {
 
 // One group: three passes over G scores. `omp simd` pays off for long groups only; for the
-// usual G = 4..16 its vector prologue/epilogue costs more than the loop (8x slower at G = 8).
+// usual G = 4..16 its vector prologue/epilogue costs more than the loop.
 template <typename S, bool kSimd>
 void group(const S* x, S* out, int64_t G, const Params& p) {
   using A = acc_t<S>;

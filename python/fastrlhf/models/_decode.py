@@ -24,8 +24,8 @@ def decode_sized(x: torch.Tensor) -> bool:
 
 def linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``layer(x)``. For a plain fp32 ``nn.Linear`` on the CPU with decode-sized ``x``, it
-    computes ``(W @ x^T)^T`` instead: MKL's sgemm is much faster with the large dimension first
-    (1.7x on the decode step of bench/generate.py on 2 cores). Same math; only rounding differs."""
+    computes ``(W @ x^T)^T`` instead: MKL's sgemm is much faster with the large dimension first.
+    Same math; only rounding differs."""
     if type(layer) is nn.Linear and x.device.type == "cpu" and x.dtype == torch.float32 and decode_sized(x):
         y = (layer.weight @ x.reshape(-1, x.shape[-1]).t()).t()  # (rows, out), a transposed view
         if layer.bias is not None:
@@ -40,7 +40,7 @@ def pack_linears(*layers: nn.Module) -> nn.Linear | None:
     if not all(type(m) is nn.Linear for m in layers):
         return None
     w = torch.cat([m.weight.detach() for m in layers])
-    # built on the meta device: nn.Linear's random init of a weight replaced right away cost ~2 ms a layer
+    # built on the meta device: nn.Linear's random init of a weight replaced right away is wasted work
     packed = nn.Linear(w.shape[1], w.shape[0], bias=layers[0].bias is not None, device="meta", dtype=w.dtype)
     packed.weight = nn.Parameter(w, requires_grad=False)
     if packed.bias is not None:
