@@ -72,3 +72,28 @@ def test_reward_model_rejects_multi_label_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="num_labels = 1"):
         RewardModel.from_pretrained(tmp_path)
+
+
+def test_reward_model_on_the_first_layers_of_a_trunk():
+    lm = tiny_model(num_hidden_layers=3)
+    rm = RewardModel.from_causal_lm(lm, num_layers=2)
+    assert rm.config.num_hidden_layers == 2 and lm.config.num_hidden_layers == 3
+    ids = torch.randint(1, 97, (2, 6))
+    with torch.no_grad():
+        want = lm.model.norm(_first_layers(lm, ids, 2))
+        torch.testing.assert_close(rm.model(ids), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="num_layers must be in"):
+        RewardModel.from_causal_lm(lm, num_layers=4)
+
+
+def _first_layers(lm, ids, n):
+    """The trunk's residual stream after its first n layers (run layer by layer)."""
+    from fastrlhf.models._layout import attention_layout
+    from fastrlhf.models.llama import rope_cos_sin
+
+    layout, pos = attention_layout(ids, None, None, None, None, max_positions=lm.config.max_position_embeddings)
+    x = lm.model.embed_tokens(ids)
+    cos, sin = rope_cos_sin(lm.model.inv_freq, pos, x.dtype)
+    for layer in lm.model.layers[:n]:
+        x = layer(x, cos[:, None], sin[:, None], layout)
+    return x

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -93,18 +94,28 @@ class ValueModel(nn.Module):
                     nn.init.zeros_(m.bias)
 
     @classmethod
-    def from_causal_lm(cls, lm: CausalLM) -> ValueModel:
+    def from_causal_lm(cls, lm: CausalLM, *, num_layers: int | None = None) -> ValueModel:
         """Start from a language model's trunk (the usual critic / reward-model init); new head.
 
         Args:
             lm: the source model; its trunk weights are copied (its LoRA adapters, if any, merged
                 in), on its device and in its dtype. ``lm`` itself is not changed.
+            num_layers: keep only the first ``num_layers`` decoder layers (and the embedding and
+                final norm): a cheaper scorer on the same pretrained features; None keeps all.
 
         Returns:
             A new model of this class with a freshly initialized ``score`` head.
         """
-        out = cls(lm.config).to(device=lm.device, dtype=lm.dtype)
-        trunk = {k[len("model."):]: v for k, v in merged_state_dict(lm).items() if k.startswith("model.")}
+        config = lm.config
+        if num_layers is not None:
+            if not 1 <= num_layers <= config.num_hidden_layers:
+                raise ValueError(f"{cls.__name__}.from_causal_lm: num_layers must be in [1, "
+                                 f"{config.num_hidden_layers}], got {num_layers}")
+            config = dataclasses.replace(config, num_hidden_layers=num_layers, extra=dict(config.extra))
+        out = cls(config).to(device=lm.device, dtype=lm.dtype)
+        keep = set(out.model.state_dict())
+        trunk = {k[len("model."):]: v for k, v in merged_state_dict(lm).items()
+                 if k.startswith("model.") and k[len("model."):] in keep}
         out.model.load_state_dict(trunk)  # LoRA adapters of lm, if any, merged in
         return out
 
