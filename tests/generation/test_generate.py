@@ -8,7 +8,9 @@ import torch
 
 from fastrlhf import ops
 from fastrlhf.generation import GenerationConfig, generate
+from fastrlhf.ops.reference import processed_distribution
 
+from helpers import assert_close
 from helpers.models import left_padded, tiny_model
 
 LENGTHS = [9, 4, 1, 7, 6]
@@ -51,23 +53,81 @@ def test_logprobs_match_training_forward(settings):
 
 
 def test_outputs_feed_a_training_forward():
-    """Generation outputs are ordinary tensors: a policy-gradient step can use them directly."""
+    """Generation outputs are ordinary tensors: a policy-gradient step can use them directly, and
+    its gradients (through the fused LM head of token_logprobs) are those of the same loss written
+    in plain PyTorch on the model's logits (log_softmax + gather), for every parameter."""
     model = tiny_model().train()
     ids, mask = left_padded(2, 5, 97, [5, 3])
     out = generate(model, ids, mask, max_new_tokens=4, seed=0)
-    lp = model.token_logprobs(out.sequences, out.attention_mask)[:, out.prompt_length - 1:]
+    P = out.prompt_length
+    rm = out.response_mask.double()
+    lp = model.token_logprobs(out.sequences, out.attention_mask)[:, P - 1:]
     (-(lp * out.response_mask).sum()).backward()
-    assert model.lm_head.weight.grad is not None
+    fused = {n: p.grad for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    logits = model(out.sequences, out.attention_mask)[:, P - 1:-1]  # position P - 1 + t scores response t
+    plain = torch.log_softmax(logits.double(), -1).gather(-1, out.responses.clamp(min=0)[..., None])[..., 0]
+    (-(plain * rm).sum()).backward()
+    assert torch.allclose(lp.detach().double() * rm, plain.detach() * rm, atol=1e-5)
+    for n, p in model.named_parameters():
+        assert fused[n] is not None and p.grad is not None, n
+        assert fused[n].abs().sum() > 0, n
+        # fp32 (the fused kernel) vs fp64 softmax on fp32 logits: ~1e-6 of the tensor's scale;
+        # embedding rows of tokens absent from the batch are exact zeros in both
+        assert_close(fused[n], p.grad, torch.float32, rtol=1e-4, atol=1e-4, scale="tensor", what=n)
 
 
-def test_sampling_logprobs_are_of_the_processed_distribution():
+def sharp_model():
+    """tiny_model with its LM head scaled by 12: logits of std ~2 (the largest probability 0.06 .. 0.3)
+    instead of a near-uniform 0.16, so that top-k / top-p / min-p cut somewhere."""
     model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(12.0)
+    return model
+
+
+# every processing step alone, then together with the penalties, then per-row tensors
+PROCESSED_SETTINGS = [
+    dict(temperature=0.8, top_k=3),
+    dict(temperature=0.7, top_p=0.9),
+    dict(temperature=1.3, min_p=0.2),
+    dict(temperature=1.0, epsilon=0.1),
+    dict(temperature=0.6, frequency_penalty=0.7),  # the sharp model repeats tokens: counts of 2 and more
+    dict(temperature=0.9, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.3, presence_penalty=0.5,
+         frequency_penalty=0.2),
+    dict(temperature=torch.tensor([0.5, 1.0, 0.7, 1.3, 0.9]), top_p=torch.tensor([0.9, 1.0, 0.5, 0.8, 0.95]),
+         top_k=torch.tensor([0, 5, 0, 10, 2])),
+]
+
+
+@pytest.mark.parametrize("settings", PROCESSED_SETTINGS, ids=lambda s: "-".join(s))
+def test_sampling_logprobs_are_of_the_processed_distribution(settings):
+    """sampling_logprobs = log q(token) with q the reference's processed distribution of the step's
+    logits (recomputed by a training forward over the generated prefix; penalties see the prompt
+    and the tokens generated before the step), and logprobs = log softmax(logits / T)(token)."""
+    model = sharp_model()
     ids, mask = left_padded(5, 9, 97, LENGTHS)
-    out = generate(model, ids, mask, max_new_tokens=6, temperature=0.8, top_k=3, seed=1)
-    rm = out.response_mask.bool()
-    # top-k = 3 renormalizes over 3 tokens: the sampled token is at least as likely as under softmax
-    assert (out.sampling_logprobs[rm] >= out.logprobs[rm] - 1e-6).all()
-    assert (out.sampling_logprobs[rm] >= torch.log(torch.tensor(1 / 3)) - 1e-6).any()
+    L = 8
+    out = generate(model, ids, mask, max_new_tokens=L, seed=1, stop_token_ids=[], **settings)
+    assert out.response_mask.all()
+    P = out.prompt_length
+    with torch.no_grad():
+        logits = model(out.sequences, out.attention_mask)[:, P - 1:-1].double()  # [B, L, V]
+    temp = torch.as_tensor(settings["temperature"], dtype=torch.float64).expand(5)[:, None]
+    prompt = torch.where(mask.bool(), ids, -1)
+    lq = torch.empty(5, L, dtype=torch.float64)
+    for t in range(L):
+        history = torch.cat([prompt, out.responses[:, :t]], dim=1)
+        q = processed_distribution(logits[:, t], token_history=history, **settings)
+        lq[:, t] = q.gather(1, out.responses[:, t:t + 1])[:, 0].log()
+    want = torch.log_softmax(logits / temp[:, :, None], -1).gather(-1, out.responses[..., None])[..., 0]
+    assert (out.logprobs.double() - want).abs().max() <= 1e-5
+    assert torch.isfinite(lq).all()  # every drawn token is in the kept set (or epsilon's uniform)
+    assert (out.sampling_logprobs.double() - lq).abs().max() <= 2e-5  # measured <= 3e-6
+    if set(settings) == {"temperature", "frequency_penalty"}:  # some token is drawn 3 times: counts matter
+        assert any(len(set(r)) < len(r) - 1 for r in out.responses.tolist())
+    if "top_k" in settings or "top_p" in settings or "min_p" in settings:  # a filter renormalized somewhere
+        assert (out.sampling_logprobs > out.logprobs + 1e-3).any()
 
 
 def test_stop_tokens_and_per_row_limits_are_exact():
@@ -89,6 +149,60 @@ def test_stop_tokens_and_per_row_limits_are_exact():
         assert (out.responses[b, n:] == -7).all() and out.response_mask[b].tolist() == [1] * n + [0] * (8 - n)
     assert torch.equal(out.attention_mask[:, :9], mask)
     assert torch.equal(out.sequences[:, :9], ids)
+
+
+def _stop_lengths(seqs, stops):
+    """Expected (lengths, stopped) of rows ``seqs`` (greedy tokens up to each row's limit) when row b
+    stops on ``stops[b]``: the first of its own stop ids it draws ends it, else its limit does."""
+    lengths, stopped = [], []
+    for seq, own in zip(seqs, stops):
+        first = next((i for i, t in enumerate(seq) if t in own), None)
+        lengths.append(len(seq) if first is None else first + 1)
+        stopped.append(first is not None)
+    return lengths, stopped
+
+
+@pytest.mark.parametrize("path", ["native", "hf"])
+def test_per_row_stop_ids_apply_to_their_own_row_only(path):
+    """Each row stops on its own stop ids only. Every row's list holds ids that other rows draw
+    (and it does not draw before its limit); even rows also hold one of their own tokens. A row
+    that reads row 0's list, or the union of all lists, ends early on another row's id."""
+    model = tiny_model()
+    if path == "hf":
+        pytest.importorskip("transformers")
+        model = model.to_hf().eval()
+    ids, mask = left_padded(5, 9, 97, LENGTHS)
+    limits = [10, 9, 10, 7, 10]
+    greedy = generate(model, ids, mask, max_new_tokens=10, temperature=0.0, stop_token_ids=[])
+    seqs = [greedy.responses[b, :n].tolist() for b, n in enumerate(limits)]
+    B = len(seqs)
+
+    def foreign(b, c):  # the first token row c draws that row b never draws before its limit
+        return next(t for t in seqs[c] if t not in seqs[b])
+
+    stops = []
+    for b in range(B):
+        ids_b = [foreign(b, (b + 1) % B)]
+        ids_b.append(seqs[b][len(seqs[b]) // 2] if b % 2 == 0 else foreign(b, (b + 2) % B))
+        stops.append(ids_b)
+    want_len, want_stopped = _stop_lengths(seqs, stops)
+    assert want_stopped == [b % 2 == 0 for b in range(B)]  # odd rows hold foreign ids only
+    # the case discriminates: row 0's list for every row, or the union, would end other rows early
+    union = sorted({t for s in stops for t in s})
+    assert _stop_lengths(seqs, [stops[0]] * B)[0] != want_len
+    assert _stop_lengths(seqs, [union] * B)[0] != want_len
+    for b in range(1, B, 2):
+        assert want_len[b] == limits[b] and any(t in seqs[c] for t in stops[b] for c in range(B) if c != b)
+
+    out = generate(model, ids, mask, max_new_tokens=limits, temperature=0.0, stop_token_ids=stops, pad_token_id=-7)
+    assert out.response_lengths.tolist() == want_len, (stops, seqs)
+    assert out.stopped.tolist() == want_stopped
+    for b, n in enumerate(want_len):
+        assert out.responses[b, :n].tolist() == seqs[b][:n]
+        assert (out.responses[b, n:] == -7).all() and out.response_mask[b].tolist() == [1] * n + [0] * (10 - n)
+        if want_stopped[b]:  # it ends on its own stop id, the first one it draws
+            assert out.responses[b, n - 1].item() in stops[b]
+            assert not any(t in stops[b] for t in seqs[b][:n - 1])
 
 
 def test_eos_from_model_config_is_the_default_stop():

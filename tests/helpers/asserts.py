@@ -9,6 +9,12 @@ import torch
 # Kernel vs reference (or low-precision kernel vs an fp64 reference on the same, already rounded,
 # inputs). Low-precision outputs carry one rounding of the storage dtype on top of fp32
 # accumulation: bf16 has 8 significant bits (half-ulp 2e-3), fp16 has 11 (half-ulp 2.4e-4).
+#
+# ``atol`` here is a *relative* floor: assert_close multiplies it by the largest |expected| of
+# each row (the last dim), so the bound is ``atol * max|expected_row| + rtol * |expected|``.
+# Rounding and fp32 accumulation errors scale with the magnitudes involved; a fixed floor of 2e-2
+# would accept anything (zeros included) for a tensor whose entries are all ~1e-4, such as the
+# gradient of a log-softmax over a large vocabulary.
 TOLERANCES: dict[torch.dtype, dict[str, float]] = {
     torch.float64: dict(rtol=1e-10, atol=1e-10),
     torch.float32: dict(rtol=1e-5, atol=1e-5),
@@ -19,18 +25,55 @@ TOLERANCES: dict[torch.dtype, dict[str, float]] = {
 LOW_PRECISION = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def magnitude(expected: torch.Tensor, scale: str | float = "row") -> torch.Tensor:
+    """What :func:`assert_close` multiplies ``atol`` by (fp64, CPU, broadcastable to
+    ``expected``; NaN / Inf ignored): ``"row"``, the largest |expected| over the last dim (a 0-d
+    tensor is its own row); ``"tensor"``, the largest |expected| of the whole tensor; a number,
+    that number (``1.0``: ``atol`` is absolute)."""
+    e = expected.detach().to("cpu", torch.float64).nan_to_num(0.0, posinf=0.0, neginf=0.0).abs()
+    if not isinstance(scale, str):
+        return torch.tensor(float(scale), dtype=torch.float64)
+    if e.numel() == 0 or e.dim() == 0:
+        return e
+    if scale == "row":
+        return e.amax(dim=-1, keepdim=True)
+    if scale == "tensor":
+        return e.max()
+    raise ValueError(f"assert_close: scale must be 'row', 'tensor' or a number, got {scale!r}")
+
+
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
-                 *, rtol: float | None = None, atol: float | None = None, what: str = "") -> None:
-    """``|actual - expected| <= atol + rtol * |expected|`` elementwise with the tolerances of
-    ``dtype`` (default: actual's dtype); NaN must match NaN. Compares in fp64, on the CPU.
-    On failure, reports the worst element, its index and the inputs' dtypes."""
+                 *, rtol: float | None = None, atol: float | None = None, scale: str | float | None = None,
+                 what: str = "") -> None:
+    """``|actual - expected| <= atol * S + rtol * |expected|`` elementwise; NaN must match NaN.
+    Compares in fp64, on the CPU. On failure, reports the worst element, its index and the
+    inputs' dtypes.
+
+    ``dtype`` picks the row of ``TOLERANCES`` (default: actual's dtype) that gives ``rtol`` and
+    ``atol`` unless they are passed. ``S`` (see :func:`magnitude`):
+
+    * default, with the table's ``atol``: ``scale="row"``, the largest |expected| of the row
+      (last dim). The floor follows the row's magnitude, so a small-magnitude tensor is held to
+      its own scale (an all-zero gradient fails against a gradient of ~1e-4 entries) and the
+      bound stays rtol-dominated near each row's large entries. An all-zero expected row must
+      then be matched exactly (up to the sign of 0).
+    * ``scale="tensor"``: the largest |expected| of the whole tensor, for outputs with rows that
+      vanish by cancellation (their rounding noise has the scale of the other rows, not 0).
+    * an ``atol`` passed without ``scale`` is absolute (``S = 1``): comparisons against exact
+      constants or zeros, or a floor a test states its reason for.
+    """
     dtype = dtype or actual.dtype
     tol = TOLERANCES[dtype]
     rtol = tol["rtol"] if rtol is None else rtol
+    if scale is None:
+        scale = "row" if atol is None else 1.0
     atol = tol["atol"] if atol is None else atol
     assert tuple(actual.shape) == tuple(expected.shape), (
         f"{what} shape mismatch: actual {tuple(actual.shape)} vs expected {tuple(expected.shape)}"
     )
+    floor = atol * magnitude(expected, scale)
+    floor_desc = f"atol={atol:g}" + (f" x max|expected| of the {scale}" if isinstance(scale, str) else
+                                     "" if scale == 1.0 else f" x {scale:g}")
     a = actual.detach().to("cpu", torch.float64)
     e = expected.detach().to("cpu", torch.float64)
     nan_a, nan_e = torch.isnan(a), torch.isnan(e)
@@ -43,7 +86,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
     a, e = torch.where(nan_a, 0.0, a), torch.where(nan_e, 0.0, e)
     inf_mismatch = (torch.isinf(a) | torch.isinf(e)) & (a != e)
     err = torch.where(inf_mismatch, float("inf"), (a - e).abs().nan_to_num(0.0))
-    bound = atol + rtol * e.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    bound = (floor + rtol * e.abs().nan_to_num(0.0, posinf=0.0, neginf=0.0)).expand_as(err)
     bad = err > bound
     if bad.any():
         excess = torch.where(bad, err - bound, torch.zeros_like(err))
@@ -51,9 +94,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
         idx = tuple(torch.unravel_index(torch.tensor(flat), a.shape)) if a.dim() else ()
         idx = tuple(int(i) for i in idx)
         raise AssertionError(
-            f"{what} not close ({dtype}: rtol={rtol:g}, atol={atol:g}; actual {actual.dtype}, "
+            f"{what} not close ({dtype}: rtol={rtol:g}, {floor_desc}; actual {actual.dtype}, "
             f"expected {expected.dtype}): {int(bad.sum())} of {a.numel()} elements out of "
             f"tolerance; worst at index {idx}: actual {a[idx].item()!r} vs expected "
-            f"{e[idx].item()!r} (|diff| {err[idx].item():.3e}); max |diff| overall "
-            f"{err.max().item():.3e}"
+            f"{e[idx].item()!r} (|diff| {err[idx].item():.3e}, bound {bound[idx].item():.3e}); "
+            f"max |diff| overall {err.max().item():.3e}"
         )

@@ -144,6 +144,73 @@ def test_long_rows_chunked_cpu_path(B, T, mask_kind, done_p, last_values):
     assert_close(dr_k, dr_r, rtol=1e-9, atol=1e-9, what="discounted_returns")
 
 
+# csrc/kernels/cpu/gae.cpp takes the chunked path for B < kChunkedMaxRows = 8 rows of
+# T >= kChunkedMinT = 4 * 2048 steps: 2048-step chunks, each reduced to an affine map (compose in
+# csrc/kernels/gae.h), chained right to left into every chunk's carry-in state. Without episode
+# ends nothing cuts that chain. A composed map's input coefficients are products of ~2048 factors
+# (gamma * lam)^n and gamma^n: with gamma = 0.99, lam = 0.95 they are ~1e-55, so a wrong
+# coefficient is invisible; gamma * lam close to 1 keeps them O(0.1 .. 1).
+CHUNKED_SHAPES = [(2, 4 * 2048), (3, 10001)]
+LONG_DISCOUNTS = [(1.0, 1.0), (0.9999, 0.999)]
+
+
+def long_row_inputs(B, T, dtype, seed):
+    """Rewards, values, a holes mask and last_values, no dones; the last row has a whole masked
+    chunk (an identity map) and a masked tail across a chunk boundary (its last_values is carried
+    back through it); row 0 has holes on both sides of the first chunk boundaries."""
+    inp = make_inputs(B, T, dtype=dtype, mask_kind="holes", done_p=0.0, last_values=True, seed=seed)
+    m = inp["mask"]
+    m[-1, 2048:2 * 2048] = False
+    m[-1, T - 3000:] = False
+    m[0, 2047] = m[0, 2048] = m[0, 4095] = m[0, 4096] = False
+    return inp
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("gamma,lam", LONG_DISCOUNTS)
+@pytest.mark.parametrize("B,T", CHUNKED_SHAPES)
+def test_chunked_long_rows_without_dones(B, T, gamma, lam, dtype):
+    """The chunked CPU path (few long rows, no episode ends, holes, last_values) against the
+    sequential fp64 reference on the same (rounded) inputs, for gae and discounted_returns."""
+    inp = long_row_inputs(B, T, dtype, seed=T)
+    assert inp["dones"] is None and not inp["mask"].all()
+    k = gae(**inp, gamma=gamma, lam=lam, impl="kernel")
+    r = gae(**to64(inp), gamma=gamma, lam=lam, impl="reference")
+    dr_k = discounted_returns(inp["rewards"], inp["mask"], gamma=gamma, impl="kernel")
+    dr_r = discounted_returns(inp["rewards"].double(), inp["mask"], gamma=gamma, impl="reference")
+    assert k.advantages.dtype == dtype and dr_k.dtype == dtype
+    # Tolerances relative to the outputs' scale (sums of up to T terms: ~60 .. 150). fp64: the
+    # chunked and sequential scans round differently, ~T * 1e-16. fp32: ~T_eff * 6e-8, T_eff = the
+    # horizon min(T, 1 / (1 - gamma)) ~ 1e4, gamma itself rounded to fp32 included (measured
+    # <= 4e-5 of the scale; a mis-composed chunk map is off by O(0.1) of it).
+    rel = 1e-10 if dtype == torch.float64 else 2e-4
+    for what, got, want in (("advantages", k.advantages, r.advantages), ("returns", k.returns, r.returns),
+                            ("discounted_returns", dr_k, dr_r)):
+        assert_close(got, want, torch.float64, rtol=rel, atol=rel * float(want.abs().max()), what=what)
+        assert torch.equal(got[~inp["mask"]], torch.zeros_like(got[~inp["mask"]])), what
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chunked_carries_last_values_across_chunks(dtype):
+    """gamma = lam = 1, zero rewards and values: every valid step's advantage is exactly
+    last_values[b] (delta = nv - v telescopes), carried back through all chunks and holes;
+    discounted returns of unit rewards count the valid steps to the end of the row."""
+    B, T = 3, 5 * 2048 + 17
+    g = torch.Generator().manual_seed(3)
+    mask = torch.rand(B, T, generator=g) < 0.6
+    mask[1, 2048:3 * 2048] = False  # two whole masked chunks
+    mask[2, -2500:] = False  # a masked tail longer than a chunk
+    zeros = torch.zeros(B, T, dtype=dtype)
+    lv = torch.tensor([1.5, -2.0, 0.25], dtype=dtype)
+    out = gae(zeros, zeros, mask, last_values=lv, gamma=1.0, lam=1.0, impl="kernel")
+    want = torch.where(mask, lv[:, None], torch.zeros((), dtype=dtype))
+    assert torch.equal(out.advantages, want) and torch.equal(out.returns, want)
+    ones = torch.ones(B, T, dtype=dtype)
+    dr = discounted_returns(ones, mask, gamma=1.0, impl="kernel")
+    count = mask.flip(1).cumsum(1).flip(1).to(dtype)  # valid steps at or after t: exact integers
+    assert torch.equal(dr, torch.where(mask, count, torch.zeros((), dtype=dtype)))
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", LOW_PRECISION)
 @pytest.mark.parametrize("mask_kind", ["none", "holes", "ragged"])

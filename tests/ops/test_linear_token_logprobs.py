@@ -128,7 +128,10 @@ def test_online_statistics_across_vocab_blocks(case):
         inp["tokens"] = inp["tokens"].clamp(min=256)
     k = forward_backward(**inp, chunk_size=chunk, temperature=0.7)
     r = forward_backward(**inp, temperature=0.7, impl="reference")
-    assert_all_close(k, r)
+    # large logits: a token that holds all the mass (p = 1 to rounding) has a grad_hidden row that
+    # vanishes by cancellation, rounding noise of the logits' scale (3e-12), not 0: the floor is
+    # scaled by the whole tensor's magnitude, not the row's
+    assert_all_close(k, r, **(dict(scale="tensor") if case == "large logits" else {}))
 
 
 def test_logprob_only_gradient_across_vocab_blocks():

@@ -242,9 +242,12 @@ def test_loss_fn_using_another_grad_tensor_raises():
         linear_token_loss(h, weight, tokens, lambda lp, ent, rows: scale, impl="kernel")
     with torch.no_grad():  # no gradients wanted: nothing is lost
         linear_token_loss(h, weight, tokens, lambda lp, ent, rows: (lp * scale).sum(), impl="kernel")
-    # the reference is plain autograd: the other tensor gets its gradient
-    linear_token_loss(h, weight, tokens, lambda lp, ent, rows: (lp * scale).sum(), impl="reference").loss.backward()
-    assert scale.grad is not None
+    # the reference is plain autograd: the other tensor gets its gradient, d/dscale sum(lp * scale) = sum(lp)
+    out = linear_token_loss(h, weight, tokens, lambda lp, ent, rows: (lp * scale).sum(), impl="reference")
+    out.loss.backward()
+    want = torch.log_softmax(hidden @ weight.T, -1).gather(-1, tokens[..., None]).sum()  # no bias passed
+    torch.testing.assert_close(scale.grad, want.detach(), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(scale.grad, out.logprobs.sum(), rtol=1e-12, atol=1e-12)
 
 
 def test_loss_fn_editing_its_inputs_in_place_does_not_change_gradients():
