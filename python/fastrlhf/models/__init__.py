@@ -15,6 +15,7 @@ from fastrlhf.models.lora import (
     merged_state_dict,
     save_lora,
 )
+from fastrlhf.models.pretrained import load_smollm2
 from fastrlhf.models.tokenizer import Tokenizer
 
 __all__ = [
@@ -37,4 +38,5 @@ __all__ = [
     "save_lora",
     "load_lora",
     "Tokenizer",
+    "load_smollm2",
 ]
