@@ -77,21 +77,24 @@ def _json(path: Path) -> Iterator[tuple[str, object]]:
         yield f"{path}: row {i}", row
 
 
+_DATASETS_KINDS = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv", ".txt": "text"}
+
+
 def _datasets(path: Path, split: str) -> Iterator[tuple[str, object]]:
+    # the file type is checked first: a wrong suffix is a DataError whether or not datasets is installed
+    if not path.is_dir() and path.suffix not in _DATASETS_KINDS:
+        raise DataError(f"{path}: unknown file type {path.suffix!r} (use .jsonl, .json, .parquet, .arrow, .csv, "
+                        "or a directory datasets can load)")
     try:
         import datasets
     except ImportError:
         raise ImportError(f"reading {path} needs the datasets package: pip install 'fastrlhf[data]' "
                           "(JSON and JSON Lines files need nothing extra)") from None
-    kinds = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".tsv": "csv", ".txt": "text"}
     if path.is_dir():
         ds = datasets.load_dataset(str(path), split=split)
-    elif path.suffix in kinds:
-        kw = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
-        ds = datasets.load_dataset(kinds[path.suffix], data_files=str(path), split=split, **kw)
     else:
-        raise DataError(f"{path}: unknown file type {path.suffix!r} (use .jsonl, .json, .parquet, .arrow, .csv, "
-                        "or a directory datasets can load)")
+        kw = {"delimiter": "\t"} if path.suffix == ".tsv" else {}
+        ds = datasets.load_dataset(_DATASETS_KINDS[path.suffix], data_files=str(path), split=split, **kw)
     for i, row in enumerate(ds):
         yield f"{path}: row {i}", row
 
