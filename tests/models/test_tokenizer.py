@@ -102,3 +102,10 @@ def test_errors(tmp_path):
     t = Tokenizer.train(CORPUS, vocab_size=300)
     with pytest.raises(ValueError, match="not in the vocabulary"):
         Tokenizer(t.backend, eos_token="<nope>")
+
+
+def test_train_on_long_text_lines():
+    """A text line longer than a file name could be was taken for a path (OSError: name too long)."""
+    line = "hello world " * 40
+    tok = Tokenizer.train([line] * 5, vocab_size=270)
+    assert tok.decode(tok.encode(line)) == line

@@ -113,7 +113,7 @@ class Tokenizer:
         corpus = list(corpus) if not isinstance(corpus, list) else corpus
         if not any(corpus):
             raise ValueError("Tokenizer.train: the corpus is empty (pass texts, or paths to text files)")
-        if all(isinstance(c, Path) or (isinstance(c, str) and Path(c).is_file()) for c in corpus):
+        if all(isinstance(c, Path) or (isinstance(c, str) and _is_file(c)) for c in corpus):
             backend.train([str(c) for c in corpus], trainer)
         else:
             backend.train_from_iterator(corpus, trainer, length=len(corpus))
@@ -345,6 +345,14 @@ class Tokenizer:
                        pad_token=self.pad_token or "", **kwargs)
         # the template already wrote BOS if it wants one
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _is_file(text: str) -> bool:
+    """Whether a corpus entry names a file (a long text line is not a path: the OS refuses it)."""
+    try:
+        return len(text) < 4096 and "\n" not in text and Path(text).is_file()
+    except (OSError, ValueError):
+        return False
 
 
 _TEMPLATES: dict[str, object] = {}
