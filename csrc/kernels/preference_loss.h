@@ -80,6 +80,16 @@ FRL_HD Pair<A> pair(const Params& p, A c, A r, A rc, A rr, A m) {
   return Pair<A>{h, loss, beta * (-(A(1) - eps) * sigmoid(-z) + eps * sigmoid(z))};
 }
 
+// Adds pair q (its chosen reward c - ref_c in cr) to the running loss and stats sums (fp64).
+template <typename A>
+FRL_HD void add_pair(const Params& p, const Pair<A>& q, A cr, double& loss, double* s) {
+  loss += double(q.loss);
+  s[kRewardsChosen] += p.beta * double(cr);
+  s[kRewardsRejected] += p.beta * double(cr - q.h);
+  s[kRewardMargin] += p.beta * double(q.h);
+  s[kAccuracy] += q.h > A(0) ? 1.0 : 0.0;
+}
+
 FRL_HD double inv_normalizer(const Params& p) { return p.normalizer > 0 ? 1.0 / p.normalizer : 1.0 / double(p.B); }
 
 }  // namespace fastrlhf::kernels::preference_loss

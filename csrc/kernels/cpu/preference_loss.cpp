@@ -20,11 +20,7 @@ void forward(const Params& p) {
   for (int64_t i = 0; i < p.B; ++i) {  // pairs in order: a fixed summation order
     A cr;
     const Pair<A> q = pair_at<A, S>(p, i, cr);
-    loss += double(q.loss);
-    s[kRewardsChosen] += p.beta * double(cr);
-    s[kRewardsRejected] += p.beta * double(cr - q.h);
-    s[kRewardMargin] += p.beta * double(q.h);
-    s[kAccuracy] += q.h > A(0) ? 1.0 : 0.0;
+    add_pair(p, q, cr, loss, s);
   }
   const double inv_b = p.B > 0 ? 1.0 / double(p.B) : 0.0;
   *static_cast<A*>(p.loss) = A(p.B > 0 ? loss * inv_normalizer(p) : 0.0);

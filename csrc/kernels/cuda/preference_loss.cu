@@ -29,11 +29,7 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(Params p) {
   for (int64_t i = threadIdx.x; i < p.B; i += kThreads) {
     A cr;
     const Pair<A> q = pair_at<A, S>(p, i, cr);
-    loss += double(q.loss);
-    s[kRewardsChosen] += p.beta * double(cr);
-    s[kRewardsRejected] += p.beta * double(cr - q.h);
-    s[kRewardMargin] += p.beta * double(q.h);
-    s[kAccuracy] += q.h > A(0) ? 1.0 : 0.0;
+    add_pair(p, q, cr, loss, s);
   }
   const double inv_b = p.B > 0 ? 1.0 / double(p.B) : 0.0;
   loss = cuda::block_sum(loss, smem);
