@@ -250,3 +250,15 @@ def test_kv_cache_select_keeps_rows_in_order(rows):
             assert torch.equal(new[i, :, :n], old[r, :, :n])
     if rows and rows == sorted(rows):
         assert cache.k[0].data_ptr() == ptr  # compacted in place
+
+
+def test_start_skips_the_prompt_positions_in_the_lm_head(model):
+    ids, mask = left_padded(3, 9, 97, [9, 6, 4])
+    full, full_ent = model.token_logprobs(ids, mask, return_entropy=True)
+    part, part_ent = model.token_logprobs(ids, mask, return_entropy=True, start=4)
+    torch.testing.assert_close(part, full[:, 4:], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(part_ent, full_ent[:, 4:], rtol=1e-5, atol=1e-6)
+    got = model.token_loss(ids, lambda lp, ent, rows: lp.sum(), mask, start=4)
+    torch.testing.assert_close(got.loss, full[:, 4:].sum(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="start must be in"):
+        model.token_logprobs(ids, mask, start=8)

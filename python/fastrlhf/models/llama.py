@@ -265,6 +265,18 @@ def check_input_ids(input_ids, vocab_size: int, *, check_range: bool = True) -> 
                              "(a tokenizer for another model, or an unset pad id?)")
 
 
+def _next_token_pairs(hidden, input_ids, cu_seqlens, start: int):
+    """(hidden states of the scored positions, their targets): position t scores token t + 1."""
+    if cu_seqlens is not None:
+        if start:
+            raise ValueError("CausalLM: start applies to padded batches, not packed input")
+        return hidden[:-1], input_ids[1:]
+    T = input_ids.shape[1]
+    if not 0 <= start < T - 1 and T > 1:
+        raise ValueError(f"CausalLM: start must be in [0, {T - 1}), got {start}")
+    return hidden[:, start:-1], input_ids[:, start + 1:]
+
+
 class CausalLM(nn.Module):
     """Llama-style decoder-only LM. ``forward`` returns logits ``[..., V]`` or, with
     ``return_hidden=True``, the final-norm hidden states ``[..., C]`` (feed them to
@@ -378,7 +390,7 @@ class CausalLM(nn.Module):
 
     def token_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                        cu_seqlens: torch.Tensor | None = None, temperature: float = 1.0,
-                       return_entropy: bool = False, chunk_size: int | None = None):
+                       return_entropy: bool = False, chunk_size: int | None = None, start: int = 0):
         """Log-prob of every next token, ``[B, T - 1]`` fp32 (position t scores ``input_ids[:, t + 1]``
         given the prefix), from the hidden states through ``ops.linear_token_logprobs``: the
         ``[B, T, V]`` logits are never materialized. Entries whose target is padding are
@@ -392,15 +404,19 @@ class CausalLM(nn.Module):
             temperature: score ``softmax(logits / temperature)`` (the sampling temperature of a rollout).
             return_entropy: also return the entropy of each position's distribution ``[B, T - 1]``.
             chunk_size: tokens per chunk of the fused LM head (default: the op's).
+            start: score only positions ``start .. T - 2`` (the targets ``input_ids[:, start + 1:]``): the
+                LM head skips the positions before, e.g. a prompt's (padded batches only). The result is
+                ``[B, T - 1 - start]``.
         """
         hidden = self(input_ids, attention_mask, cu_seqlens=cu_seqlens, return_hidden=True)  # (B, T, C) / (N, C)
-        h, targets = (hidden[:-1], input_ids[1:]) if cu_seqlens is not None else (hidden[:, :-1], input_ids[:, 1:])
+        h, targets = _next_token_pairs(hidden, input_ids, cu_seqlens, start)
         return ops.linear_token_logprobs(h, self.lm_head_weight(h.dtype), targets, temperature=temperature,
                                          return_entropy=return_entropy, chunk_size=chunk_size)
 
     def token_loss(self, input_ids: torch.Tensor, loss_fn, attention_mask: torch.Tensor | None = None, *,
                    cu_seqlens: torch.Tensor | None = None, hidden: torch.Tensor | None = None,
-                   temperature: float = 1.0, chunk_rows: int | None = None) -> ops.LinearTokenLossOutput:
+                   temperature: float = 1.0, chunk_rows: int | None = None,
+                   start: int = 0) -> ops.LinearTokenLossOutput:
         """A loss of the next-token log-probs known up front (PPO/GRPO, SFT), through
         ``ops.linear_token_loss``: ``loss_fn(logprobs [b, T - 1], entropy [b, T - 1], rows)`` is
         called on chunks of ``chunk_rows`` whole sequences (``rows`` slices the batch), must be a sum over
@@ -418,10 +434,11 @@ class CausalLM(nn.Module):
                 head on the same trunk); the forward is skipped.
             temperature: as in :meth:`token_logprobs`.
             chunk_rows: sequences (packed: tokens) per chunk (default: about 2^24 logits).
+            start: as in :meth:`token_logprobs` (``loss_fn`` then gets ``[b, T - 1 - start]``).
         """
         if hidden is None:
             hidden = self(input_ids, attention_mask, cu_seqlens=cu_seqlens, return_hidden=True)  # (B, T, C)
-        h, targets = (hidden[:-1], input_ids[1:]) if cu_seqlens is not None else (hidden[:, :-1], input_ids[:, 1:])
+        h, targets = _next_token_pairs(hidden, input_ids, cu_seqlens, start)
         return ops.linear_token_loss(h, self.lm_head_weight(h.dtype), targets, loss_fn, temperature=temperature,
                                      chunk_rows=chunk_rows)
 
