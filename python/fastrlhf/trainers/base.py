@@ -200,8 +200,8 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
 
 class StopRequested:
     """A Ctrl-C (SIGINT) or SIGTERM during :meth:`Trainer.train` sets ``requested``; the loop
-    finishes the current step, writes a checkpoint and returns. A second Ctrl-C raises
-    ``KeyboardInterrupt`` at once."""
+    finishes the current step, writes a checkpoint and raises ``KeyboardInterrupt`` so that its
+    caller stops too (``resume`` continues the run). A second Ctrl-C raises at once."""
 
     def __init__(self):
         self.requested = False
@@ -363,6 +363,8 @@ class Trainer:
                     if cfg.save_every and self.step % cfg.save_every == 0:
                         self.save()
                 self.save()
+                if stop.requested:  # the caller (a loop, the CLI) stops too; the checkpoint is written
+                    raise KeyboardInterrupt
                 final = self.on_train_end()
                 if final:
                     self.metrics.log(self.step, final)

@@ -157,6 +157,9 @@ class RLTrainer(Trainer):
         cfg = self.config
         rollout = self.make_rollout()
         metrics = _rollout_metrics(rollout)
+        for k, v in (getattr(self.judge, "last_stats", None) or {}).items():  # composite feedback: agreement, ...
+            if isinstance(v, (int, float)):
+                metrics[f"feedback/{k}"] = float(v)
         with self.timed("train"):
             batch = self.advantages(rollout)
             metrics.update(batch.extras.pop("metrics", {}))
@@ -208,7 +211,7 @@ class RLTrainer(Trainer):
                     rows = mb[sl].to(dev)
                     out, extra = self._micro_step(batch, rows, normalizer, P)
                     if epoch == 0 and gap is None and cfg.rollout_is == "off":
-                        gap = ro.logprob_gap(out.logprobs[:, P - 1:], r.logprobs[rows], r.response_mask[rows])
+                        gap = ro.logprob_gap(out.logprobs, r.logprobs[rows], r.response_mask[rows])
                     for k, v in extra.items():
                         stats_sum[k] = stats_sum.get(k, 0.0) + float(v) * rows.numel() / mb.numel()
                 upd = self.optimizer_step()
@@ -237,11 +240,11 @@ class RLTrainer(Trainer):
         kl_coef = self.kl.value if ref is not None else 0.0
         stats_out: dict[str, torch.Tensor] = {}
 
-        def loss_fn(lp, ent, chunk):  # lp, ent [b, P + L - 1] -> the response part [b, L]
+        def loss_fn(lp, ent, chunk):  # lp, ent [b, L]: the response tokens (token_loss starts at P - 1)
             loss, st = ops.policy_loss(
-                lp[:, P - 1:], old[chunk], adv[chunk], mask[chunk], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+                lp, old[chunk], adv[chunk], mask[chunk], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
                 dual_clip=cfg.dual_clip, ref_logprobs=None if ref is None else ref[chunk], kl_coef=kl_coef,
-                kl_estimator=cfg.kl_estimator, entropy=ent[:, P - 1:], entropy_coef=cfg.entropy_coef, agg=cfg.agg,
+                kl_estimator=cfg.kl_estimator, entropy=ent, entropy_coef=cfg.entropy_coef, agg=cfg.agg,
                 normalizer=normalizer, norm_length=float(cfg.max_new_tokens))
             for k, v in st.items():
                 stats_out[k] = stats_out.get(k, 0.0) + v.detach() * (chunk.stop - chunk.start)
@@ -249,7 +252,7 @@ class RLTrainer(Trainer):
 
         with self.autocast():
             hidden = self.policy(seqs, attn, return_hidden=True) if self.needs_hidden() else None
-            out = self.policy.token_loss(seqs, loss_fn, attn, hidden=hidden, temperature=cfg.temperature)
+            out = self.policy.token_loss(seqs, loss_fn, attn, hidden=hidden, temperature=cfg.temperature, start=P - 1)
             loss = out.loss
             extra_loss, extra_stats = self.extra_loss(batch, rows, hidden, normalizer)
             if extra_loss is not None:

@@ -116,12 +116,13 @@ def response_logprobs(model, rollout: Rollout, *, temperature: float, micro_batc
     try:
         for i in range(0, rollout.sequences.shape[0], micro_batch_size):
             sl = slice(i, i + micro_batch_size)
+            # the LM head scores only the response: position P - 1 + t predicts response token t
             out = model.token_logprobs(rollout.sequences[sl], rollout.attention_mask[sl], temperature=temperature,
-                                       return_entropy=return_entropy)
+                                       return_entropy=return_entropy, start=P - 1)
             lp, ent = out if return_entropy else (out, None)
-            lps.append(lp[:, P - 1:])  # position P - 1 + t scores response token t
+            lps.append(lp)
             if ent is not None:
-                ents.append(ent[:, P - 1:])
+                ents.append(ent)
     finally:
         model.train(was_training)
     lp = torch.cat(lps) * rollout.response_mask
