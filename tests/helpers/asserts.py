@@ -100,3 +100,36 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
             f"{e[idx].item()!r} (|diff| {err[idx].item():.3e}, bound {bound[idx].item():.3e}); "
             f"max |diff| overall {err.max().item():.3e}"
         )
+
+
+def assert_as_accurate_as(actual: torch.Tensor, baseline: torch.Tensor, expected: torch.Tensor, *,
+                          factor: float = 2.0, atol: float = 1e-4, what: str = "") -> None:
+    """``max|actual - expected| <= factor * max|baseline - expected| + atol * max(max|expected|, 1)``.
+
+    FlashAttention's rule for low-precision kernels: ``expected`` is an fp64 reference and
+    ``baseline`` PyTorch's own computation in the kernel's dtype, so the bound is the error the
+    dtype itself costs, not a hand-set tolerance. NaN must match NaN (in all three).
+    """
+    a, b, e = (x.detach().to("cpu", torch.float64) for x in (actual, baseline, expected))
+    assert a.shape == e.shape == b.shape, f"{what} shapes differ: {tuple(a.shape)}, {tuple(b.shape)}, {tuple(e.shape)}"
+    nan = torch.isnan(e)
+    assert torch.equal(torch.isnan(a), nan), f"{what}: NaN pattern of the result differs from the reference's"
+    a, b, e = (torch.where(nan, 0.0, x) for x in (a, b, e))
+    err, base = (a - e).abs().max().item(), (b - e).abs().max().item()
+    bound = factor * base + atol * max(e.abs().max().item(), 1.0)
+    assert err <= bound, (f"{what}: max |error| {err:.3e} vs the fp64 reference exceeds {factor:g} x PyTorch's own "
+                          f"{actual.dtype} error {base:.3e} + {atol:g} x max(max|expected|, 1) (bound {bound:.3e})")
+
+
+def runs_at_thread_counts(run):
+    """``run()`` twice with 2 torch threads and once with 1 (the thread count restored after):
+    ``(a, b, c)``, for tests that outputs are bitwise identical run to run and across threads."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        a, b = run(), run()
+        torch.set_num_threads(1)
+        c = run()
+    finally:
+        torch.set_num_threads(before)
+    return a, b, c

@@ -13,7 +13,7 @@ import torch
 from fastrlhf.ops import PolicyLoss, PPOLoss, policy_loss, value_loss
 from fastrlhf.ops.policy_loss import STAT_NAMES
 
-from helpers import DEVICES, LOW_PRECISION, MASK_KINDS, TOLERANCES, assert_close
+from helpers import DEVICES, LOW_PRECISION, MASK_KINDS, TOLERANCES, assert_close, runs_at_thread_counts
 from helpers.losses import AGG_CODE, AGGS, global_normalizer, policy_inputs, policy_run, to64, value_inputs, value_run
 
 
@@ -310,14 +310,7 @@ def test_losses_bitwise_deterministic_across_calls_and_threads(dtype):
         v = value_run(vinp, impl="kernel")
         return [p[0], *p[1].values(), p[2], p[3], v[0], *v[1].values(), v[2]]
 
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        a, b = run(), run()
-        torch.set_num_threads(1)
-        c = run()
-    finally:
-        torch.set_num_threads(before)
+    a, b, c = runs_at_thread_counts(run)
     for other in (b, c):
         for i, (x, y) in enumerate(zip(a, other)):
             assert torch.equal(x, y) or (torch.isnan(x).all() and torch.isnan(y).all()), i
