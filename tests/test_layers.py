@@ -28,11 +28,13 @@ LAYERS: dict[str, int] = {
     "report": 6,
     "loop": 6,
     "demo": 6,
+    "runs": 6,
     "cli": 7,
     "__main__": 7,
 }
 COMPILED = {"fastrlhf._C"}  # the extension module: no source to parse, imports nothing of ours
-LAYER_NAMES = ["ops", "models", "generation", "data/config", "feedback", "trainers", "loop/demo/report", "cli"]
+LAYER_NAMES = ["ops", "models", "generation", "data/config", "feedback", "trainers", "loop/demo/report/runs",
+               "cli"]
 
 
 def module_name(path: Path) -> str:

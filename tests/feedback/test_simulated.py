@@ -100,4 +100,4 @@ def test_friendly_concise():
     assert u[0] > u[2] > u[1]
     assert u[3] < u[0] and u[3] == pytest.approx(u[0] - 0.5 * (len(long_friendly.split()) - 30) / 30)
     assert u[4] == -1.0
-    assert "friendly" in friendly_concise.description and "30 words" in friendly_concise.description
+    assert "friendly" in friendly_concise.description and "beyond target_words words" in friendly_concise.description

@@ -65,7 +65,7 @@ def friendly_concise(prompt, completion: str, *, target_words: int = 30, length_
 
 friendly_concise.description = (  # what the demo reports as the hidden preference
     "friendly_concise: tanh((#friendly words - 2 * #rude words) / 2) from a small hand-written lexicon, "
-    "minus 0.5 per 30 words beyond 30 words")
+    "minus 0.5 per target_words words beyond target_words words")
 
 
 class SimulatedAnnotator(Judge):

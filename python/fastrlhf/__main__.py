@@ -1,0 +1,7 @@
+"""``python -m fastrlhf``: the ``fastrlhf`` command."""
+
+import sys
+
+from fastrlhf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,419 @@
+"""The iterative human / AI feedback loop (``fastrlhf loop``), and ``fastrlhf label``.
+
+Each round:
+
+1. **sample pairs**: two completions of ``pairs_per_round`` prompts from the current policy;
+2. **collect feedback**: humans label them (``human``: in the terminal, or ``web``: a local page),
+   and / or AI judges do (``feedback`` specs combined by :class:`~fastrlhf.feedback.CompositeFeedback`:
+   a simulated annotator with a hidden true preference, VADER, an LLM judge, ...); every judgment
+   goes into one :class:`~fastrlhf.feedback.PreferenceStore` (``RUN_DIR/feedback.jsonl``);
+3. **update the reward model** on all feedback so far (it continues from the last round's);
+4. **optimize the policy** against it with GRPO, PPO or online DPO (LoRA adapters continue across
+   rounds; the reference is the LoRA-disabled base);
+5. **evaluate** on held-out prompts: the reward model's agreement with the true preference (when a
+   simulated annotator holds one), the win-rate of the policy over the starting one, the reward
+   and the KL to the reference; sample generations.
+
+``RUN_DIR/rounds.jsonl`` gets one summary per round; ``RUN_DIR/round-NN/`` the reward-model and
+policy runs; at the end ``fastrlhf.report`` writes the plots and ``report.md``. ``resume``
+continues after the last completed round (an interrupted round starts over).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from fastrlhf import ops, runs
+from fastrlhf.config import Config, ConfigError, option
+from fastrlhf.data import load_rows
+from fastrlhf.feedback import CompositeFeedback, PreferenceStore, SimulatedAnnotator
+from fastrlhf.feedback.judges import RewardModelJudge
+from fastrlhf.feedback.labeler import LabelQueue, run_terminal_labeler, serve_web_labeler
+from fastrlhf.generation import GenerationConfig
+from fastrlhf.models import RewardModel, load_lora, lora_disabled, save_lora
+from fastrlhf.runs import build_judge, load_model
+from fastrlhf.trainers import (
+    GRPOConfig,
+    GRPOTrainer,
+    OnlineDPOConfig,
+    OnlineDPOTrainer,
+    PPOConfig,
+    PPOTrainer,
+    RewardConfig,
+    RewardTrainer,
+)
+from fastrlhf.trainers import rollout as ro
+from fastrlhf.trainers.base import prepare_model
+
+BUILTIN_PROMPTS = "builtin:instructions"
+
+
+def builtin_prompts_path() -> Path:
+    """The short instructions shipped with fastrlhf (``data/builtin/instructions.jsonl``)."""
+    return Path(__file__).resolve().parent / "data" / "builtin" / "instructions.jsonl"
+
+
+@dataclass
+class FeedbackSpec(Config):
+    """Where a loop's AI feedback comes from."""
+
+    simulated: str | None = option("friendly_concise", "the hidden true preference of a simulated annotator "
+                                   "(friendly_concise), or None for no simulated annotator")
+    flip_prob: float = option(0.2, "the simulated annotator's label noise: probability of a flipped label", min=0.0,
+                              max=0.5)
+    target_words: int = option(30, "friendly_concise: answers up to this many words are not penalized for length",
+                               min=1)
+    simulated_weight: float = option(1.0, "weight of the simulated annotator's labels", min=0.0)
+    judges: list[str] = option(default_factory=lambda: ["vader@0.3"],
+                               help="AI judge specs name[:arg][@weight] (vader, llm, length:N, minilm:TEXT, rm:DIR)")
+
+
+@dataclass
+class LoopConfig(Config):
+    """``fastrlhf loop``: rounds of sample -> feedback -> reward model -> policy -> evaluate."""
+
+    model: str = option("smollm2", "'smollm2' or a model directory")
+    prompts: str = option(BUILTIN_PROMPTS, "prompt rows (a file with a 'prompt' field), or builtin:instructions")
+    output_dir: str = option("runs/loop", "the run directory")
+    seed: int = option(0, "seed of prompts, sampling and the simulated annotator")
+    rounds: int = option(3, "rounds of the loop", min=1)
+    pairs_per_round: int = option(32, "prompts sampled for labeling per round (one pair each)", min=1)
+    eval_prompts: int = option(32, "held-out prompts for the win-rate and the reward model's agreement", min=1)
+    max_new_tokens: int = option(48, "tokens per completion at most (pairs, evaluation, training)", min=1)
+    temperature: float = option(1.0, "sampling temperature of the pairs and the policy", min=0.0, min_exclusive=True)
+    chat: bool = option(True, "send string prompts through the chat template (instruct models)")
+    system_prompt: str | None = option("You are a helpful assistant.", "the system turn of chat prompts (None: the "
+                                       "template's default)")
+    human: bool = option(False, "pause each round for human labeling (terminal, or --web)")
+    web: bool = option(False, "label in a local web page instead of the terminal")
+    host: str = option("127.0.0.1", "the web labeler's address (a token is required off loopback)")
+    port: int = option(0, "the web labeler's port (0: a free one)", min=0)
+    annotator: str = option("human", "the human annotator's name in the store")
+    ai_feedback: bool = option(True, "AI judges label the pairs too (alone when human is off)")
+    feedback: FeedbackSpec = option(default_factory=FeedbackSpec, help="the AI feedback")
+    algorithm: Literal["grpo", "ppo", "online_dpo"] = option("grpo", "how the policy is optimized each round")
+    lora_r: int = option(8, "LoRA rank of the policy (0: full fine-tuning)", min=0)
+    rm_layers: int | None = option(None, "the reward model keeps the first N layers of the policy's trunk "
+                                   "(cheaper; None: all)", min=1)
+    reward_model: RewardConfig = option(default_factory=lambda: RewardConfig(max_steps=30, batch_size=16,
+                                                                             learning_rate=1e-4, lora_r=0,
+                                                                             eval_fraction=0.2),
+                                        help="reward-model training per round (output_dir is set by the loop)")
+    grpo: GRPOConfig = option(default_factory=lambda: GRPOConfig(max_steps=4, prompts_per_step=8, group_size=4,
+                                                                 learning_rate=5e-4, kl_coef=0.05),
+                              help="GRPO per round (when algorithm=grpo)")
+    ppo: PPOConfig = option(default_factory=lambda: PPOConfig(max_steps=4, prompts_per_step=16, learning_rate=5e-4),
+                            help="PPO per round (when algorithm=ppo)")
+    dpo: OnlineDPOConfig = option(default_factory=lambda: OnlineDPOConfig(max_steps=4, prompts_per_step=16,
+                                                                          learning_rate=5e-4),
+                                  help="online DPO per round (when algorithm=online_dpo)")
+    progress: bool = option(True, "progress bars")
+
+    def validate(self):
+        if not self.human and not self.ai_feedback:
+            raise ConfigError("LoopConfig: no feedback at all: set human=true or ai_feedback=true")
+        if self.ai_feedback and self.feedback.simulated is None and not self.feedback.judges:
+            raise ConfigError("LoopConfig.feedback: ai_feedback needs a simulated annotator or judges")
+
+
+# ---- pieces of a round ----------------------------------------------------------------------
+
+
+def _prompt_list(cfg: LoopConfig) -> list:
+    path = builtin_prompts_path() if cfg.prompts == BUILTIN_PROMPTS else Path(cfg.prompts)
+    rows = load_rows(path)
+    prompts = [r["prompt"] for r in rows]
+    if cfg.chat:
+        from fastrlhf.data import as_conversation
+
+        prompts = [as_conversation(p, system=cfg.system_prompt) for p in prompts]
+    if len(prompts) <= cfg.eval_prompts:
+        raise ConfigError(f"LoopConfig: {path} holds {len(prompts)} prompts; eval_prompts={cfg.eval_prompts} "
+                          "leaves none to train on")
+    return prompts
+
+
+def prompt_text(prompt) -> str:
+    """The user's request of a prompt (string, or a conversation's last user turn)."""
+    return runs.prompt_text(prompt)
+
+
+def ai_feedback(cfg: LoopConfig, tokenizer):
+    """(the judge that labels pairs, the simulated annotator or None)."""
+    spec = cfg.feedback
+    signals, truth = {}, None
+    if spec.simulated is not None:
+        from fastrlhf.feedback import simulated as sim
+
+        fn = getattr(sim, spec.simulated, None)
+        if not callable(fn):
+            raise ConfigError(f"LoopConfig.feedback.simulated: unknown true preference {spec.simulated!r} "
+                              "(friendly_concise)")
+        if spec.simulated == "friendly_concise":
+            fn = functools.partial(fn, target_words=spec.target_words)
+            fn.__name__ = "friendly_concise"
+        truth = SimulatedAnnotator(fn, flip_prob=spec.flip_prob, seed=cfg.seed, name="annotator")
+        signals["annotator"] = (truth, spec.simulated_weight)
+    if spec.judges:
+        judge = build_judge(spec.judges, tokenizer=tokenizer)
+        if isinstance(judge, CompositeFeedback):
+            signals.update(judge.signals)
+        else:
+            signals[judge.name] = (judge, 1.0)
+    if len(signals) == 1:
+        return next(iter(signals.values()))[0], truth
+    return CompositeFeedback(signals), truth
+
+
+def sample_pairs(policy, tokenizer, prompts: list, cfg: LoopConfig, seed: int) -> ro.Rollout:
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
+                           stop_token_ids=ro.stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return ro.sample(policy, tokenizer, prompts, gen, group_size=2)
+
+
+def label_with_ai(store: PreferenceStore, judge, rollout: ro.Rollout) -> dict:
+    """The AI judge labels every pair; the labels go into the store (annotator ``ai``)."""
+    prompts = rollout.prompts[0::2]
+    a, b = rollout.completions[0::2], rollout.completions[1::2]
+    p = judge.compare(prompts, a, b).float()
+    n = 0
+    for i, pi in enumerate(p.tolist()):
+        if math.isnan(pi):  # a composite judge dropped a pair its signals disagree on
+            continue
+        choice = "tie" if pi == 0.5 else (0 if pi > 0.5 else 1)
+        store.add_preference(prompts[i], [a[i], b[i]], choice, annotator="ai", meta={"source": "ai"})
+        n += 1
+    stats = dict(getattr(judge, "last_stats", {}) or {})
+    return {"ai_labels": float(n), **{f"feedback/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}}
+
+
+def label_with_humans(store: PreferenceStore, rollout: ro.Rollout, cfg: LoopConfig, round_dir: Path) -> dict:
+    """Pause for labeling in the terminal or a local web page (Ctrl-C ends the loop; labels so far
+    are kept)."""
+    items = [(rollout.prompts[2 * i], rollout.completions[2 * i], rollout.completions[2 * i + 1])
+             for i in range(len(rollout.prompts) // 2)]
+    (round_dir / "items.jsonl").write_text("".join(json.dumps({"prompt": p, "completion_a": a, "completion_b": b})
+                                                   + "\n" for p, a, b in items))
+    queue = LabelQueue.from_tuples(items)
+    if not cfg.web:
+        out = run_terminal_labeler(store, queue, annotator=cfg.annotator)
+        return {"human_labels": float(out.get("preference", 0))}
+    labeler = serve_web_labeler(store, queue, host=cfg.host, port=cfg.port, block=False)
+    keys = {queue.get(i).key for i in range(len(queue))}
+    try:
+        while True:
+            labeled = {r.get("item") for r in store.preferences()} & keys
+            if len(labeled) >= len(keys):
+                break
+            time.sleep(1.0)
+    finally:
+        labeler.stop()
+    return {"human_labels": float(len(keys))}
+
+
+def rm_agreement(rm_judge, truth: SimulatedAnnotator, rollout: ro.Rollout) -> float:
+    """How often the reward model orders a pair as the hidden true preference does (exact ties of
+    the truth excluded)."""
+    prompts = rollout.prompts[0::2]
+    a, b = rollout.completions[0::2], rollout.completions[1::2]
+    ra, rb = rm_judge.score(prompts, a), rm_judge.score(prompts, b)
+    ta, tb = truth.utility(prompts, a), truth.utility(prompts, b)
+    keep = ta != tb
+    if not bool(keep.any()):
+        return float("nan")
+    return float(((ra > rb) == (ta > tb))[keep].float().mean())
+
+
+def win_rate(truth_or_judge, prompts, new: list[str], old: list[str]) -> float:
+    """The fraction of prompts whose new completion beats the old one (ties count half), under the
+    hidden true utility (a simulated annotator) or a judge's scores."""
+    score = truth_or_judge.utility if hasattr(truth_or_judge, "utility") else truth_or_judge.score
+    s_new, s_old = score(prompts, new), score(prompts, old)
+    return float(((s_new > s_old).float() + 0.5 * (s_new == s_old).float()).mean())
+
+
+def policy_kl(policy, rollout: ro.Rollout, temperature: float) -> float:
+    """Mean per-token k1 KL of the policy's samples to the LoRA-disabled base."""
+    lp = ro.response_logprobs(policy, rollout, temperature=temperature)
+    with lora_disabled(policy):
+        ref = ro.response_logprobs(policy, rollout, temperature=temperature)
+    m = rollout.response_mask
+    return float((ops.kl_penalty(lp, ref) * m).sum() / m.sum().clamp(min=1))
+
+
+# ---- the loop ---------------------------------------------------------------------------------
+
+
+def _policy_trainer(cfg: LoopConfig, policy, tokenizer, prompts, judge, out_dir: Path):
+    common = dict(output_dir=str(out_dir), max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                  lora_r=cfg.lora_r, progress=cfg.progress, seed=cfg.seed, reference="lora_base" if cfg.lora_r
+                  else "copy")
+    rows = [{"prompt": p} for p in prompts]
+    if cfg.algorithm == "grpo":
+        return GRPOTrainer(policy, tokenizer, load_rows(rows), judge, cfg.grpo.replace(**common))
+    if cfg.algorithm == "ppo":
+        return PPOTrainer(policy, tokenizer, load_rows(rows), judge, cfg.ppo.replace(**common))
+    return OnlineDPOTrainer(policy, tokenizer, load_rows(rows), judge, cfg.dpo.replace(**common))
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _done_rounds(run_dir: Path) -> list[dict]:
+    path = run_dir / "rounds.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def run_loop(cfg: LoopConfig, *, resume: bool = False) -> dict:
+    """Run the loop (see the module doc). Returns the last round's summary."""
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.to_yaml(run_dir / "config.yaml")
+    done = _done_rounds(run_dir) if resume else []
+    if not resume and (run_dir / "rounds.jsonl").exists():
+        raise ConfigError(f"LoopConfig.output_dir {run_dir} holds a finished loop; pass --resume or another "
+                          "output_dir")
+    policy, tok = load_model(cfg.model)
+    if cfg.lora_r:
+        prepare_model(policy, cfg.grpo.replace(lora_r=cfg.lora_r))
+    prompts = _prompt_list(cfg)
+    rng = random.Random(cfg.seed)
+    order = list(range(len(prompts)))
+    rng.shuffle(order)
+    eval_prompts = [prompts[i] for i in order[: cfg.eval_prompts]]
+    train_prompts = [prompts[i] for i in order[cfg.eval_prompts:]]
+    store = PreferenceStore(run_dir / "feedback.jsonl")
+    judge, truth = ai_feedback(cfg, tok) if cfg.ai_feedback else (None, None)
+    eval_gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + 1,
+                                stop_token_ids=ro.stop_token_ids(policy, tok), pad_token_id=tok.pad_token_id)
+    base_eval = ro.sample(policy, tok, eval_prompts, eval_gen)  # the starting policy's answers
+    (run_dir / "samples_before.json").write_text(json.dumps(
+        [{"prompt": prompt_text(p), "completion": c} for p, c in zip(eval_prompts, base_eval.completions)], indent=1))
+    rm = None
+    if done:  # continue after the last completed round
+        last = run_dir / f"round-{len(done):02d}"
+        if cfg.lora_r:
+            load_lora(policy, last / "policy_adapters")
+        rm = RewardModel.from_pretrained(last / "reward_model" / "model")
+    summary = done[-1] if done else {}
+    for r in range(len(done) + 1, cfg.rounds + 1):
+        t0 = time.perf_counter()
+        round_dir = run_dir / f"round-{r:02d}"
+        round_dir.mkdir(exist_ok=True)
+        batch = [train_prompts[(r * cfg.pairs_per_round + i) % len(train_prompts)] for i in range(cfg.pairs_per_round)]
+        pairs = sample_pairs(policy, tok, batch, cfg, seed=cfg.seed * 1000 + r)
+        summary = {"round": r}
+        if cfg.human:
+            summary.update(label_with_humans(store, pairs, cfg, round_dir))
+        if judge is not None:
+            summary.update(label_with_ai(store, judge, pairs))
+        rows = store.to_rows()
+        summary["feedback_pairs"] = float(len(rows))
+        if len(rows) < 2:
+            raise ConfigError(f"loop round {r}: {len(rows)} usable preference pair(s) so far (ties and pairs the "
+                              "judges disagree on are not used); raise pairs_per_round or use judges that separate "
+                              "the completions")
+        if truth is not None:  # how noisy the collected labels are, measured against the hidden truth
+            summary["label_accuracy"] = _label_accuracy(store, truth)
+        if rm is None:
+            rm = RewardModel.from_causal_lm(policy, num_layers=cfg.rm_layers)  # the policy's trunk (adapters merged)
+        rm_cfg = cfg.reward_model.replace(output_dir=str(round_dir / "reward_model"), progress=cfg.progress,
+                                          seed=cfg.seed + r)
+        rm_out = RewardTrainer(rm, tok, rows, rm_cfg).train()
+        summary["rm_accuracy"] = rm_out.get("eval/accuracy", float("nan"))
+        rm.eval()
+        rm_judge = RewardModelJudge(rm, tok)
+        eval_pairs = sample_pairs(policy, tok, eval_prompts, cfg, seed=cfg.seed * 1000 + 500 + r)
+        if truth is not None:
+            summary["rm_true_accuracy"] = rm_agreement(rm_judge, truth, eval_pairs)
+        trainer = _policy_trainer(cfg, policy, tok, train_prompts, rm_judge, round_dir / "policy")
+        last = trainer.train()
+        summary["train_reward"] = last.get("reward", float("nan"))
+        if cfg.lora_r:
+            save_lora(policy, round_dir / "policy_adapters")
+        now = ro.sample(policy, tok, eval_prompts, eval_gen)
+        summary["reward"] = float(rm_judge.score(eval_prompts, now.completions).mean())
+        summary["kl"] = policy_kl(policy, now, cfg.temperature) if cfg.lora_r else float("nan")
+        summary["response_length"] = float(now.response_lengths.float().mean())
+        if truth is not None:
+            summary["win_rate"] = win_rate(truth, eval_prompts, now.completions, base_eval.completions)
+            summary["true_utility"] = float(truth.utility(eval_prompts, now.completions).mean())
+            summary["true_utility_start"] = float(truth.utility(eval_prompts, base_eval.completions).mean())
+        summary["win_rate_rm"] = win_rate(rm_judge, eval_prompts, now.completions, base_eval.completions)
+        summary["seconds"] = time.perf_counter() - t0
+        (round_dir / "samples.json").write_text(json.dumps(
+            [{"prompt": prompt_text(p), "before": b, "after": a}
+             for p, b, a in zip(eval_prompts, base_eval.completions, now.completions)], indent=1))
+        _append_jsonl(run_dir / "rounds.jsonl", summary)
+    _finish(run_dir, cfg, summary)
+    return summary
+
+
+def _label_accuracy(store: PreferenceStore, truth: SimulatedAnnotator) -> float:
+    rows = store.to_rows().rows
+    if not rows:
+        return float("nan")
+    tc = truth.utility([r["prompt"] for r in rows], [r["chosen"] for r in rows])
+    tr = truth.utility([r["prompt"] for r in rows], [r["rejected"] for r in rows])
+    keep = tc != tr
+    return float((tc > tr)[keep].float().mean()) if bool(keep.any()) else float("nan")
+
+
+def _finish(run_dir: Path, cfg: Config, summary: dict) -> None:
+    """samples.json (the last round's before / after), plots and report.md."""
+    from fastrlhf.report import plot_run, write_report
+
+    rounds = sorted(run_dir.glob("round-*/samples.json"))
+    if rounds:
+        (run_dir / "samples.json").write_text(rounds[-1].read_text())
+    try:
+        plot_run(run_dir)
+    except ImportError as e:  # matplotlib missing: the report says so
+        print(f"fastrlhf loop: no plots ({e})")
+    write_report(run_dir, title="fastrlhf loop", config=cfg, summary={k: v for k, v in summary.items()
+                                                                       if isinstance(v, (int, float))})
+
+
+# ---- fastrlhf label ------------------------------------------------------------------------
+
+
+@dataclass
+class LabelConfig(Config):
+    """``fastrlhf label``: label pairs (or rate completions) into a PreferenceStore."""
+
+    store: str = option("feedback.jsonl", "the PreferenceStore file (created if missing)")
+    items: str = option("", "what to label: rows with prompt + completion_a / completion_b, preference rows, or "
+                        "prompt + completion rows (rate mode)")
+    mode: Literal["compare", "rate"] = option("compare", "compare two completions, or rate one 1-5")
+    annotator: str = option("human", "your name in the store (hashed unless hash_annotators is false)")
+    hash_annotators: bool = option(True, "store a salted hash of the annotator name")
+    web: bool = option(False, "serve a local web page instead of the terminal screen")
+    host: str = option("127.0.0.1", "the web page's address (off loopback a token is required)")
+    port: int = option(0, "the web page's port (0: a free one)", min=0)
+    token: str | None = option(None, "the web access token (default: a random one off loopback)")
+    seed: int = option(0, "seed of the order in which a preference row's answers are shown")
+
+
+def run_label(cfg: LabelConfig, *, resume: bool = False) -> dict:
+    """Label ``items`` into ``store`` (resuming where this annotator stopped is automatic)."""
+    from fastrlhf.feedback.labeler import load_items
+
+    if not cfg.items:
+        raise ConfigError("label: items is required (--items FILE)")
+    if not Path(cfg.items).exists():
+        raise ConfigError(f"label: items {cfg.items!r}: no such file")
+    store = PreferenceStore(cfg.store, hash_annotators=cfg.hash_annotators)
+    queue = load_items(cfg.items, mode=cfg.mode, seed=cfg.seed)
+    if cfg.web:
+        serve_web_labeler(store, queue, host=cfg.host, port=cfg.port, token=cfg.token, mode=cfg.mode)
+        return {}
+    return run_terminal_labeler(store, queue, annotator=cfg.annotator, mode=cfg.mode)
