@@ -12,7 +12,7 @@ std::tuple<Tensor, Tensor> preference_loss_cpu(const Tensor& chosen, const Tenso
   auto c = prepare_preference_loss(chosen, rejected, ref_chosen, ref_rejected, margin, beta, loss_type, label_smoothing,
                                    normalizer);
   alloc_preference_outputs(c);
-  check_status(k::preference_loss::launch_cpu(c.params, c.dtype), "preference_loss");
+  check_status(k::preference_loss::launch_cpu(c.params, c.dtype, torch_parallel_for()), "preference_loss");
   return {c.loss, c.stats};
 }
 

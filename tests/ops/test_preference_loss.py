@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastrlhf.ops import PreferenceLoss, preference_loss
 from fastrlhf.ops.preference_loss import STAT_NAMES
 
-from helpers import DEVICES, LOW_PRECISION, assert_close
+from helpers import DEVICES, LOW_PRECISION, assert_close, runs_at_thread_counts
 
 LOSS_TYPES = ["sigmoid", "ipo", "hinge"]
 
@@ -146,10 +146,20 @@ def test_empty_batch_gives_zero_loss():
         assert loss.item() == 0.0 and st["accuracy"].item() == 0.0
 
 
-def test_bitwise_deterministic():
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_bitwise_deterministic_across_threads_and_blocks(loss_type):
+    """5000 pairs: several 1024-pair blocks and a partial one; fixed block order, so the same bits
+    run to run and with 1 or 2 threads; the blocked sums agree with the reference."""
     inp = inputs(B=5000, dtype=torch.float32, seed=5)
-    a, b = run(inp, "kernel"), run(inp, "kernel")
-    assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    a, b, c = runs_at_thread_counts(lambda: run(inp, "kernel", loss_type=loss_type))
+    for x in (b, c):
+        assert torch.equal(a[0], x[0]) and torch.equal(a[2], x[2])
+        assert all(torch.equal(a[1][k], x[1][k]) for k in STAT_NAMES)
+    r = run(inp, "reference", loss_type=loss_type)
+    assert_close(a[0], r[0], what="loss")
+    for name in STAT_NAMES:
+        assert_close(a[1][name], r[1][name], what=name)
+    assert_close(a[2], r[2], what="grad chosen")
 
 
 @pytest.mark.parametrize("device", DEVICES)
