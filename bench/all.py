@@ -22,8 +22,9 @@ import _harness as H  # noqa: E402
 
 BENCHES = [
     "gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "preference_loss", "sample",
-    "attention", "generate",
+    "attention", "generate", "rl_step",
 ]
+CPU_ONLY = {"rl_step"}  # its plain PyTorch + transformers provider is set up for the CPU
 
 
 def main(argv=None) -> int:
@@ -36,6 +37,11 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown benchmark(s) {unknown}; choose from {BENCHES}")
     kind = H.result_kind(args.device, args.quick)
+    if args.device != "cpu" and not args.summarize:
+        skipped = [n for n in names if n in CPU_ONLY]
+        names = [n for n in names if n not in CPU_ONLY]
+        if skipped:
+            print(f"skipping {', '.join(skipped)} (CPU only)")
     if args.summarize:
         only = set(names) if args.only else None
         rows, labels, _ = merged_rows(args.out, kind, {}, "", only)
