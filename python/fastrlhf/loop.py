@@ -152,13 +152,12 @@ def ai_feedback(cfg: LoopConfig, tokenizer):
     if spec.simulated is not None:
         from fastrlhf.feedback import simulated as sim
 
-        fn = getattr(sim, spec.simulated, None)
-        if not callable(fn):
+        preferences = {"friendly_concise": functools.partial(sim.friendly_concise, target_words=spec.target_words)}
+        fn = preferences.get(spec.simulated)
+        if fn is None:
             raise ConfigError(f"LoopConfig.feedback.simulated: unknown true preference {spec.simulated!r} "
-                              "(friendly_concise)")
-        if spec.simulated == "friendly_concise":
-            fn = functools.partial(fn, target_words=spec.target_words)
-            fn.__name__ = "friendly_concise"
+                              f"(one of {sorted(preferences)})")
+        fn.__name__ = spec.simulated
         truth = SimulatedAnnotator(fn, flip_prob=spec.flip_prob, seed=cfg.seed, name="annotator")
         signals["annotator"] = (truth, spec.simulated_weight)
     if spec.judges:

@@ -24,8 +24,6 @@ from fastrlhf.trainers import (
     DPOTrainer,
     GRPOConfig,
     GRPOTrainer,
-    OnlineDPOConfig,
-    OnlineDPOTrainer,
     PPOConfig,
     PPOTrainer,
     RewardConfig,
@@ -173,11 +171,6 @@ class GRPORun(GRPOConfig, RLRunFields, ModelData):
     """``fastrlhf grpo``: GRPO / Dr. GRPO / RLOO / REINFORCE++ against judges."""
 
 
-@dataclass
-class OnlineDPORun(OnlineDPOConfig, RLRunFields, ModelData):
-    """Online DPO against judges (used by the loop)."""
-
-
 def _save_policy(trainer, policy, tokenizer) -> None:
     """The trained policy (LoRA merged) and its tokenizer -> ``output_dir/model``."""
     policy.save_pretrained(Path(trainer.run_dir) / "model")
@@ -229,7 +222,3 @@ def run_grpo(cfg: GRPORun, *, resume: bool = False) -> dict:
     """GRPO-family training against ``judges`` on the prompts of ``data``."""
     return _run_rl(cfg, GRPOTrainer, resume)
 
-
-def run_online_dpo(cfg: OnlineDPORun, *, resume: bool = False) -> dict:
-    """Online DPO against ``judges`` on the prompts of ``data``."""
-    return _run_rl(cfg, OnlineDPOTrainer, resume)
