@@ -117,6 +117,7 @@ FRL_HD Pair<A> pair(const Params& p, A c, A r, A rc, A rr, A m) {
   return pair_of<LossType::kSigmoid>(beta, eps, h, m);
 }
 
+// One pair into the CUDA kernel's per-thread sums (the CPU launcher sums whole blocks of pairs).
 template <typename A>
 FRL_HD void add_pair(const Params& p, const Pair<A>& q, A cr, double& loss, double* s) {
   loss += double(q.loss);
@@ -136,7 +137,8 @@ FRL_HD double inv_normalizer(const Params& p) { return p.normalizer > 0 ? 1.0 / 
 #endif
 
 namespace fastrlhf::kernels::preference_loss {
-// CPU: the pairs in order, sums in fp64 (deterministic). Backward: elementwise.
+// CPU: fixed blocks of pairs in parallel, fp64 partials summed in block order (the same bits for
+// any thread count). Backward: elementwise.
 Status launch_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
 Status launch_backward_cpu(const Params& p, DType dtype, const cpu::ParallelFor& parallel_for);
 #if defined(FASTRLHF_WITH_CUDA)
