@@ -37,7 +37,7 @@ from fastrlhf.feedback import CompositeFeedback, PreferenceStore, SimulatedAnnot
 from fastrlhf.feedback.judges import RewardModelJudge
 from fastrlhf.feedback.labeler import LabelQueue, run_terminal_labeler, serve_web_labeler
 from fastrlhf.generation import GenerationConfig
-from fastrlhf.models import RewardModel, load_lora, lora_disabled, save_lora
+from fastrlhf.models import CausalLM, RewardModel, load_lora, lora_disabled, save_lora
 from fastrlhf.runs import build_judge, load_model
 from fastrlhf.trainers import (
     GRPOConfig,
@@ -253,7 +253,7 @@ def policy_kl(policy, rollout: ro.Rollout, temperature: float) -> float:
 def _policy_trainer(cfg: LoopConfig, policy, tokenizer, prompts, judge, out_dir: Path):
     common = dict(output_dir=str(out_dir), max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                   lora_r=cfg.lora_r, progress=cfg.progress, seed=cfg.seed, reference="lora_base" if cfg.lora_r
-                  else "copy")
+                  else "copy", save_model=not cfg.lora_r)  # with LoRA the round keeps its adapters only
     rows = [{"prompt": p} for p in prompts]
     if cfg.algorithm == "grpo":
         return GRPOTrainer(policy, tokenizer, load_rows(rows), judge, cfg.grpo.replace(**common))
@@ -302,6 +302,8 @@ def run_loop(cfg: LoopConfig, *, resume: bool = False) -> dict:
         last = run_dir / f"round-{len(done):02d}"
         if cfg.lora_r:
             load_lora(policy, last / "policy_adapters")
+        else:  # full fine-tuning: the round's policy run saved the whole model
+            policy.load_state_dict(CausalLM.from_pretrained(last / "policy" / "model").state_dict())
         rm = RewardModel.from_pretrained(last / "reward_model" / "model")
     summary = done[-1] if done else {}
     for r in range(len(done) + 1, cfg.rounds + 1):

@@ -171,28 +171,17 @@ class GRPORun(GRPOConfig, RLRunFields, ModelData):
     """``fastrlhf grpo``: GRPO / Dr. GRPO / RLOO / REINFORCE++ against judges."""
 
 
-def _save_policy(trainer, policy, tokenizer) -> None:
-    """The trained policy (LoRA merged) and its tokenizer -> ``output_dir/model``."""
-    policy.save_pretrained(Path(trainer.run_dir) / "model")
-    tokenizer.save_pretrained(Path(trainer.run_dir) / "model")
-
-
 def run_sft(cfg: SFTRun, *, resume: bool = False) -> dict:
     """Load, train with :class:`~fastrlhf.trainers.SFTTrainer`, save ``output_dir/model``."""
     model, tok = load_model(cfg.model, dtype=cfg.dtype)
-    trainer = SFTTrainer(model, tok, load_rows(_need(cfg.data, "data")), cfg)
-    last = trainer.train(resume=resume)
-    _save_policy(trainer, trainer.model, tok)
-    return last
+    return SFTTrainer(model, tok, load_rows(_need(cfg.data, "data")), cfg).train(resume=resume)
 
 
 def run_reward(cfg: RewardRun, *, resume: bool = False) -> dict:
     """A reward model on ``model``'s trunk, trained on ``data``; saved with its tokenizer."""
     lm, tok = load_model(cfg.model, dtype=cfg.dtype)
     trainer = RewardTrainer(RewardModel.from_causal_lm(lm), tok, load_rows(_need(cfg.data, "data")), cfg)
-    last = trainer.train(resume=resume)
-    tok.save_pretrained(Path(trainer.run_dir) / "model")
-    return last
+    return trainer.train(resume=resume)
 
 
 def run_dpo(cfg: DPORun, *, resume: bool = False) -> dict:
@@ -207,10 +196,7 @@ def _run_rl(cfg, trainer_cls, resume: bool) -> dict:
     save the policy."""
     model, tok = load_model(cfg.model, dtype=cfg.dtype)
     judge = build_judge(cfg.judges, tokenizer=tok)
-    trainer = trainer_cls(model, tok, load_rows(_need(cfg.data, "data")), judge, cfg)
-    last = trainer.train(resume=resume)
-    _save_policy(trainer, trainer.policy, tok)
-    return last
+    return trainer_cls(model, tok, load_rows(_need(cfg.data, "data")), judge, cfg).train(resume=resume)
 
 
 def run_ppo(cfg: PPORun, *, resume: bool = False) -> dict:

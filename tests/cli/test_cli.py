@@ -226,3 +226,23 @@ def test_loop_optimizes_with_ppo_or_online_dpo(tmp_path, tiny_model_dir, algorit
     rounds = [json.loads(line) for line in (tmp_path / "loop" / "rounds.jsonl").read_text().splitlines()]
     assert len(rounds) == 1 and math.isfinite(rounds[0]["kl"]) and math.isfinite(rounds[0]["reward"])
     assert (tmp_path / "loop" / "round-01" / "policy" / "metrics.jsonl").exists()
+
+
+def test_loop_with_full_fine_tuning_resumes_from_the_saved_policy(tmp_path, tiny_model_dir, monkeypatch):
+    # without LoRA each round's policy run saves the whole model; --resume starts the next round from it
+    from fastrlhf.models import CausalLM
+
+    assert main(loop_args(tmp_path, tiny_model_dir, "--lora_r", "0", "--rounds", "1")) == 0
+    saved = tmp_path / "loop" / "round-01" / "policy" / "model"
+    assert (saved / "config.json").exists()
+    loaded, original = [], CausalLM.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kw):
+        loaded.append(Path(path))
+        return original(cls, path, *args, **kw)
+
+    monkeypatch.setattr(CausalLM, "from_pretrained", classmethod(spy))
+    assert main(loop_args(tmp_path, tiny_model_dir, "--lora_r", "0", "--rounds", "2", "--resume")) == 0
+    assert saved in loaded
+    rounds = [json.loads(line) for line in (tmp_path / "loop" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2]

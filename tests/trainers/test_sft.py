@@ -8,6 +8,7 @@ import torch
 
 from fastrlhf.config import ConfigError
 from fastrlhf.data import load_rows
+from fastrlhf.models import CausalLM
 from fastrlhf.trainers import SFTConfig, SFTTrainer
 from fastrlhf.trainers.metrics import read_metrics
 
@@ -68,3 +69,15 @@ def test_bad_data_and_config_are_named(tmp_path):
         SFTConfig(batch_size=0)
     with pytest.raises(ConfigError, match=r"SFTConfig.lr_schedule: must be one of"):
         SFTConfig(lr_schedule="exp")
+
+
+def test_the_trainer_saves_the_final_model_unless_told_not_to(tmp_path):
+    tr = make(tmp_path, max_steps=1)
+    tr.train()
+    saved = CausalLM.from_pretrained(tmp_path / "sft" / "model")  # a Hugging Face directory with the tokenizer
+    assert (tmp_path / "sft" / "model" / "tokenizer.json").exists()
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(saved.state_dict()[k], v), k
+    off = make(tmp_path / "off", max_steps=1, save_model=False)
+    off.train()
+    assert not (tmp_path / "off" / "sft" / "model").exists() and (tmp_path / "off" / "sft" / "checkpoints").exists()

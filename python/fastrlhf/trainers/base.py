@@ -63,6 +63,8 @@ class TrainConfig(Config):
                                      help="module names that get LoRA adapters")
     save_every: int = option(0, "checkpoint every N steps (0: only at the end and on Ctrl-C)", min=0)
     keep_checkpoints: int = option(2, "checkpoints kept in RUN_DIR/checkpoints", min=1)
+    save_model: bool = option(True, "at the end, write the trained model (LoRA merged) and its tokenizer to "
+                              "RUN_DIR/model")
     log_every: int = option(1, "write metrics every N steps", min=1)
     progress: bool = option(True, "show a progress bar")
     tensorboard: bool = option(True, "write TensorBoard events beside metrics.jsonl")
@@ -369,10 +371,29 @@ class Trainer:
                 if final:
                     self.metrics.log(self.step, final)
                     last = {**last, **final}
+                if cfg.save_model:
+                    self.save_model()
         finally:
             bar.close()
             self.metrics.close()
         return last
+
+    def final_model(self) -> tuple[nn.Module, object] | None:
+        """(the trained model, its tokenizer) that :meth:`save_model` writes; None: nothing."""
+        return None
+
+    def save_model(self) -> Path | None:
+        """Write :meth:`final_model` to ``RUN_DIR/model`` (a Hugging Face directory: config.json,
+        safetensors weights with LoRA merged, the tokenizer). Returns the directory."""
+        out = self.final_model()
+        if out is None:
+            return None
+        model, tokenizer = out
+        path = self.run_dir / "model"
+        model.save_pretrained(path)
+        if hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(path)
+        return path
 
     def on_train_end(self) -> dict[str, float]:
         """Hook after the last step (held-out evaluation, saving the model); its metrics are logged

@@ -164,12 +164,8 @@ class DPOTrainer(Trainer):
         with self.timed("train"):
             return self.update([self.pairs[i] for i in idx], self.ref_cache[idx])
 
-    def on_train_end(self) -> dict[str, float]:
-        """Save the trained policy (merged) and its tokenizer to ``output_dir/model``."""
-        self.policy.save_pretrained(self.run_dir / "model")
-        if hasattr(self.tokenizer, "save_pretrained"):
-            self.tokenizer.save_pretrained(self.run_dir / "model")
-        return {}
+    def final_model(self):
+        return self.policy, self.tokenizer
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()} if hasattr(self, "sampler") else {}

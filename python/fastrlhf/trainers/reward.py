@@ -168,15 +168,17 @@ class RewardTrainer(Trainer):
         return float(scores.mean()), float(scores.std()) if scores.numel() > 1 else 1.0
 
     def on_train_end(self) -> dict[str, float]:
-        """Evaluate on the held-out split, store the score statistics, save the model to
-        ``output_dir/model``."""
+        """Evaluate on the held-out split and store the score statistics in the model's config
+        (``save_model`` writes it afterwards)."""
         out = self.evaluate()
         if self.config.center_rewards:
             mean, std = self.score_statistics()
             self.model.config.extra.update(score_mean=mean, score_std=max(std, 1e-6))
             out.update(score_mean=mean, score_std=std)
-        self.model.save_pretrained(self.run_dir / "model")
         return out
+
+    def final_model(self):
+        return self.model, self.tokenizer
 
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}

@@ -121,6 +121,9 @@ class RLTrainer(Trainer):
         ref.requires_grad_(False)
         return ref
 
+    def final_model(self):
+        return self.policy, self.tokenizer
+
     def updates_per_step(self) -> int:
         return self.config.epochs * self.config.num_minibatches
 

@@ -111,6 +111,9 @@ class SFTTrainer(Trainer):
         stats = self.optimizer_step()
         return {"loss": total, "tokens": tokens, "target_tokens": n_targets, **stats}
 
+    def final_model(self):
+        return self.model, self.tokenizer
+
     def state_dict(self) -> dict:
         return {"sampler": self.sampler.state_dict()}
 
