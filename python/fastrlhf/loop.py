@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fastrlhf import ops, runs
+from fastrlhf import ops
 from fastrlhf.config import Config, ConfigError, option
 from fastrlhf.data import load_rows
 from fastrlhf.feedback import CompositeFeedback, PreferenceStore, SimulatedAnnotator
@@ -38,7 +38,7 @@ from fastrlhf.feedback.judges import RewardModelJudge
 from fastrlhf.feedback.labeler import LabelQueue, run_terminal_labeler, serve_web_labeler
 from fastrlhf.generation import GenerationConfig
 from fastrlhf.models import CausalLM, RewardModel, load_lora, lora_disabled, save_lora
-from fastrlhf.runs import build_judge, load_model
+from fastrlhf.runs import build_judge, load_model, prompt_text
 from fastrlhf.trainers import (
     GRPOConfig,
     GRPOTrainer,
@@ -138,11 +138,6 @@ def _prompt_list(cfg: LoopConfig) -> list:
         raise ConfigError(f"LoopConfig: {path} holds {len(prompts)} prompts; eval_prompts={cfg.eval_prompts} "
                           "leaves none to train on")
     return prompts
-
-
-def prompt_text(prompt) -> str:
-    """The user's request of a prompt (string, or a conversation's last user turn)."""
-    return runs.prompt_text(prompt)
 
 
 def ai_feedback(cfg: LoopConfig, tokenizer):
