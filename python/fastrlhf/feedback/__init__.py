@@ -8,10 +8,13 @@
 * :class:`CompositeFeedback`: several judges as one reward (running normalization, clipping,
   repeats, agreement statistics).
 * ``judges``: rules, reward model, VADER, MiniLM similarity, LLM judge.
+* :func:`win_rate`, :func:`agreement`, :func:`rate_estimate` (``evaluation``): rates against a
+  judge or the hidden truth, with cluster-bootstrap confidence intervals (:class:`Estimate`).
 """
 
 from fastrlhf.feedback.base import CallableJudge, Judge
 from fastrlhf.feedback.composite import CompositeFeedback
+from fastrlhf.feedback.evaluation import Estimate, agreement, rate_estimate, win_rate
 from fastrlhf.feedback.judges import (
     EmbeddingJudge,
     ExactAnswerJudge,
@@ -28,4 +31,4 @@ from fastrlhf.feedback.store import PreferenceStore
 __all__ = ["Judge", "CallableJudge", "PreferenceStore", "LabelQueue", "load_items", "run_terminal_labeler",
            "WebLabeler", "serve_web_labeler", "SimulatedAnnotator", "friendly_concise", "CompositeFeedback",
            "ExactAnswerJudge", "LengthJudge", "FormatJudge", "RewardModelJudge", "VaderJudge", "EmbeddingJudge",
-           "LLMJudge"]
+           "LLMJudge", "Estimate", "rate_estimate", "win_rate", "agreement"]
