@@ -150,10 +150,33 @@ def test_compare_mixes_signals_with_smoothing_and_drops_disagreement():
 def test_compare_on_the_normalized_scale_updates_statistics():
     comp = CompositeFeedback({"neg_len": (NEG_LEN, 1.0)})
     p = comp.compare(["p", "p"], ["a", "aaa"], ["aa", "a"])
-    raw = torch.tensor([-10.0, -30, -20, -10])
+    raw = torch.tensor([-10.0, -30, -20])  # "a" answers "p" twice: one answer, scored once
     z = (raw - raw.mean()) / raw.std(unbiased=False)
-    torch.testing.assert_close(p, torch.sigmoid(z[:2] - z[2:]))
-    assert comp.stats["neg_len"].count == 4
+    torch.testing.assert_close(p, torch.sigmoid(z[[0, 1]] - z[[2, 0]]))
+    assert comp.stats["neg_len"].count == 3
+
+
+def test_compare_scores_each_distinct_answer_once():
+    calls = []
+
+    def length(prompt, completion):
+        calls.append((prompt, completion))
+        return float(len(completion))
+
+    comp = CompositeFeedback({"len": (CallableJudge(length, "len"), 1.0), "vowels": (VOWELS, 0.5)})
+    answers = ["a", "bb", "ccc", "dddd"]
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]  # every pair of 4 answers, as the loop labels
+    prompts = ["p"] * len(pairs) + ["q"]
+    a = [answers[i] for i, _ in pairs] + ["a"]
+    b = [answers[j] for _, j in pairs] + ["bb"]
+    p = comp.compare(prompts, a, b)
+    assert sorted(calls) == sorted([("p", x) for x in answers] + [("q", "a"), ("q", "bb")])
+    assert p.shape == (7,) and bool(torch.isfinite(p).all())
+    fresh = CompositeFeedback({"len": (CallableJudge(length, "len"), 1.0), "vowels": (VOWELS, 0.5)})
+    fresh.score(  # the same statistics as scoring the distinct answers directly
+        ["p"] * 4 + ["q", "q"], answers + ["a", "bb"])
+    assert fresh.stats["len"].count == comp.stats["len"].count == 6
+    assert fresh.stats["len"].mean == pytest.approx(comp.stats["len"].mean)
 
 
 def test_argument_errors():

@@ -187,6 +187,25 @@ class CompositeFeedback(Judge):
                              f"{len(prompts)} completions")
         return out
 
+    def _raw_pairs(self, name: str, prompts, completions_a, completions_b) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw scores ``([N], [N])`` of both sides of ``N`` pairs, each distinct (prompt, answer)
+        scored once: pairs drawn from K answers a prompt share answers, and a judge (an LLM, a
+        reward model) should not pay for an answer K - 1 times. The running statistics see each
+        distinct answer once."""
+        index: dict = {}
+        unique_prompts, unique_answers, slots = [], [], []  # slots [2N]: each side's distinct answer
+        for p, c in zip([*prompts, *prompts], [*completions_a, *completions_b]):
+            key = (repr(p), c)
+            if key not in index:
+                index[key] = len(index)
+                unique_prompts.append(p)
+                unique_answers.append(c)
+            slots.append(index[key])
+        unique = self._raw(name, unique_prompts, unique_answers)  # [U]
+        self.stats[name].update(unique)
+        scores = unique[torch.tensor(slots, dtype=torch.long)]  # [2N]
+        return scores[: len(prompts)], scores[len(prompts):]
+
     def _normalized(self, name: str, raw: torch.Tensor) -> torch.Tensor:
         z = raw
         if self.normalize:
@@ -264,8 +283,7 @@ class CompositeFeedback(Judge):
         probs, raw, z = {}, {}, {}
         for n, (judge, _) in self.signals.items():
             if _scores_by_default_compare(judge):  # Bradley-Terry on the normalized scale
-                ra, rb = self._raw(n, prompts, completions_a), self._raw(n, prompts, completions_b)
-                self.stats[n].update(torch.cat([ra, rb]))
+                ra, rb = self._raw_pairs(n, prompts, completions_a, completions_b)
                 za, zb = self._normalized(n, ra), self._normalized(n, rb)
                 probs[n] = torch.sigmoid(za - zb)
                 raw[n], z[n] = torch.cat([ra, rb]), torch.cat([za, zb])
