@@ -136,3 +136,17 @@ def test_online_dpo_learns_from_a_judge(tmp_path):
     r1 = ro.sample(tr.policy, toy_tokenizer(), ["x"] * 32, tr.gen_config)
     mean = lambda r: sum(a_rate("", c) for c in r.completions) / len(r.completions)  # noqa: E731
     assert mean(r1) > mean(r0) + 0.2, (mean(r0), mean(r1))
+
+
+def test_heldout_split_keeps_a_prompts_rows_together():
+    from fastrlhf.trainers.reward import heldout_split
+
+    keys = [f"p{i // 6}" for i in range(60)]  # 10 prompts, 6 compared pairs each
+    held, train = heldout_split(keys, 0.2, seed=0)
+    assert len(held) == 12 and sorted(held + train) == list(range(60))
+    assert not {keys[i] for i in held} & {keys[i] for i in train}
+    assert heldout_split(keys, 0.2, seed=0) == (held, train) and heldout_split(keys, 0.2, seed=1) != (held, train)
+    distinct = heldout_split([str(i) for i in range(10)], 0.3, seed=0)
+    assert len(distinct[0]) == 3 and len(distinct[1]) == 7
+    none, every = heldout_split(keys, 0.0, seed=0)
+    assert none == [] and sorted(every) == list(range(60))

@@ -31,9 +31,33 @@ class RewardConfig(TrainConfig):
         "auto", "auto: Bradley-Terry for preference rows, MSE for ratings, BCE for binary labels")
     batch_size: int = option(16, "pairs (or rows) per optimizer step", min=1)
     max_length: int = option(512, "tokens of prompt + completion at most (the prompt's start is cut first)", min=2)
-    eval_fraction: float = option(0.1, "share of rows held out for evaluation", min=0.0, max=0.9)
+    eval_fraction: float = option(0.1, "share of rows held out for evaluation (preference rows: whole prompts, so "
+                                  "pairs sharing an answer stay on one side)", min=0.0, max=0.9)
     eval_every: int = option(0, "evaluate every N steps (0: only at the end)", min=0)
     center_rewards: bool = option(True, "store the mean / std of the scores with the model to centre rewards")
+
+
+def heldout_split(keys: list, fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(held-out row indices, training row indices): whole groups of rows with the same key (a
+    prompt) held out, in a seeded random order, until ``round(len(keys) * fraction)`` rows are.
+    Rows of one prompt (its answers compared pairwise, InstructGPT-style) never straddle the split,
+    so the held-out accuracy is not inflated by answers seen in training.
+
+    Args:
+        keys: one group key per row.
+        fraction: share of rows to hold out, in [0, 1).
+        seed: the order's seed.
+    """
+    n_eval = int(round(len(keys) * fraction))
+    groups: dict = {}
+    for i, key in enumerate(keys):
+        groups.setdefault(key, []).append(i)
+    members = list(groups.values())
+    order = torch.randperm(len(members), generator=torch.Generator().manual_seed(seed)).tolist()
+    held, train = [], []
+    for g in order:
+        (held if len(held) < n_eval else train).extend(members[g])
+    return held, train
 
 
 class RewardTrainer(Trainer):
@@ -63,11 +87,12 @@ class RewardTrainer(Trainer):
         self.tokenizer = tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.examples = [self._encode(r) for r in rows]
-        n_eval = int(round(len(self.examples) * config.eval_fraction))
-        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(config.seed)).tolist()
-        self.eval_idx, self.train_idx = order[:n_eval], order[n_eval:]
+        # a preference row's answers may recur in other pairs of its prompt: hold out whole prompts
+        keys = [repr(r["prompt"]) if kind == "bradley_terry" else i for i, r in enumerate(rows)]
+        self.eval_idx, self.train_idx = heldout_split(keys, config.eval_fraction, config.seed)
         if not self.train_idx:
-            raise ConfigError("RewardTrainer: no training rows left after the held-out split")
+            raise ConfigError(f"RewardTrainer: no training rows left after the held-out split ({len(keys)} rows "
+                              f"over {len(set(keys))} prompts, eval_fraction={config.eval_fraction})")
         super().__init__(config, {"reward_model": self.model})
         self.sampler = BatchSampler(len(self.train_idx), config.batch_size, seed=config.seed)
         self.last_eval: dict[str, float] = {}
