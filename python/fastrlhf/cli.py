@@ -54,7 +54,7 @@ def add_config_args(p: argparse.ArgumentParser, cls: type[Config]) -> None:
     for name, type_name, default, help_text in field_docs(cls):
         group.add_argument(f"--{name}", dest=f"field:{name}", metavar=type_name.upper().replace(" ", "_")[:24]
                            if not type_name.startswith("one of") else "{" + type_name[7:].replace("'", "") + "}",
-                           help=f"{help_text} (default: {_fmt_default(default)})")
+                           help=f"{help_text} (default: {_fmt_default(default)})".replace("%", "%%"))  # argparse
 
 
 def resolve(cls: type[Config], ns: argparse.Namespace) -> Config:
