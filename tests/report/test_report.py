@@ -246,3 +246,33 @@ def test_write_report_with_a_dict_config_and_without_matplotlib(tmp_path, monkey
     assert "## Summary" not in text and "## Samples" not in text
     with pytest.raises(TypeError, match="samples"):
         write_report(tmp_path, samples="not a list")
+
+
+def test_rates_with_intervals_in_tables_and_charts(tmp_path):
+    rows = [{"round": r, "win_rate": w, "win_rate/low": w - 0.1, "win_rate/high": w + 0.1, "win_rate/n": 96.0,
+             "rm_accuracy": 0.6, "rm_true_accuracy": 0.55, "rm_true_accuracy/low": 0.4,
+             "rm_true_accuracy/high": 0.7, "rm_true_accuracy/n": 45.0} for r, w in [(1, 0.5), (2, 0.75)]]
+    write_jsonl(tmp_path / "rounds.jsonl", rows)
+    written = plot_run(tmp_path)
+    assert {p.stem for p in written} == set(ROUND_CHARTS)
+    with_bars = matplotlib_pixels(tmp_path / "plots" / "win_rate.png")
+    write_jsonl(tmp_path / "rounds.jsonl", [{k: v for k, v in r.items() if "/" not in k} for r in rows])
+    plot_run(tmp_path)
+    without = matplotlib_pixels(tmp_path / "plots" / "win_rate.png")
+    assert with_bars.shape == without.shape == (*PIXELS, 4)
+    assert (with_bars != without).any(axis=-1).sum() > 200  # the error bars are drawn
+
+    write_jsonl(tmp_path / "rounds.jsonl", rows)
+    text = write_report(tmp_path, summary=dict(rows[-1])).read_text()
+    assert "| win_rate | 0.75 [0.65, 0.85] |" in text and "| rm_true_accuracy | 0.55 [0.4, 0.7] |" in text
+    assert "win_rate/low" not in text and "win_rate/n" not in text and "95% bootstrap confidence" in text
+    rounds_table = text.split("## Rounds", 1)[1]
+    header = next(line for line in rounds_table.splitlines() if line.startswith("| round |"))
+    assert header == "| round | rm_accuracy | win_rate | rm_true_accuracy |"
+    assert "| 1 | 0.6 | 0.5 [0.4, 0.6] | 0.55 [0.4, 0.7] |" in text
+
+
+def matplotlib_pixels(path: Path) -> np.ndarray:
+    import matplotlib.image
+
+    return matplotlib.image.imread(str(path))

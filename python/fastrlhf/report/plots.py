@@ -278,9 +278,10 @@ def _plot_step_chart(chart: _StepChart, records: list[dict], rounds: list[tuple[
 def _plot_round_chart(title: str, ylabel: str, rows: list[dict], keys: list[tuple[str, str, str]],
                       chance: float | None, path: Path) -> bool:
     lines = []
-    for key, label, style in keys:
-        pts = [(r["round"], _value(r.get(key))) for r in rows]
-        pts = [(x, v) for x, v in pts if not math.isnan(v)]
+    for key, label, style in keys:  # a key's confidence interval, when logged, is key/low .. key/high
+        pts = [(r["round"], _value(r.get(key)), _value(r.get(f"{key}/low")), _value(r.get(f"{key}/high")))
+               for r in rows]
+        pts = [p for p in pts if not math.isnan(p[1])]
         if pts:
             lines.append((label, style, *zip(*pts)))
     if not lines:
@@ -288,9 +289,14 @@ def _plot_round_chart(title: str, ylabel: str, rows: list[dict], keys: list[tupl
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = _figure()
-    values = [v for *_, ys in lines for v in ys]
-    for i, (label, style, xs, ys) in enumerate(lines):
+    values = [v for *_, ys, lows, highs in lines for v in ys]
+    for i, (label, style, xs, ys, lows, highs) in enumerate(lines):
         ax.plot(xs, ys, style, color=f"C{i}", lw=1.8, ms=6, label=label)
+        bars = [(x, y, lo, hi) for x, y, lo, hi in zip(xs, ys, lows, highs) if not (math.isnan(lo) or math.isnan(hi))]
+        if bars:
+            bx, by, blo, bhi = zip(*bars)
+            ax.errorbar(bx, by, yerr=[[y - lo for y, lo in zip(by, blo)], [hi - y for y, hi in zip(by, bhi)]],
+                        fmt="none", ecolor=f"C{i}", elinewidth=1.0, capsize=4, alpha=0.7)
     if all(0.0 <= v <= 1.0 for v in values):
         ax.set_ylim(-0.02, 1.02)
         if chance is not None:
@@ -310,7 +316,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     Per-step charts of the policy (a moving average over noisy series, the raw values as a faint
     line): reward per feedback signal (``reward/<signal>`` and the total ``reward``), KL to the
     reference, entropy, response length, clip fraction, value loss. Per-round charts from
-    ``rounds.jsonl``: reward-model accuracy (with the label agreement when logged) and win-rate.
+    ``rounds.jsonl``: reward-model accuracy (with the agreement with a hidden true preference and
+    the label agreement when logged) and win-rate, with confidence intervals as error bars when
+    logged (``<key>/low``, ``<key>/high``).
     A chart whose metrics are absent (or never finite) is skipped.
 
     Args:
@@ -341,7 +349,9 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
         if _plot_step_chart(chart, records, rounds, path):
             written.append(path)
     if _plot_round_chart("Reward-model accuracy per round", "accuracy", rows,
-                         [("rm_accuracy", "reward-model accuracy", "o-"), ("agreement", "label agreement", "s--")],
+                         [("rm_accuracy", "reward-model accuracy (held-out labels)", "o-"),
+                          ("rm_true_accuracy", "agreement with the true preference", "^-"),
+                          ("agreement", "label agreement", "s--")],
                          None, out_dir / "rm_accuracy.png"):
         written.append(out_dir / "rm_accuracy.png")
     if _plot_round_chart("Policy win rate per round", "win rate", rows, [("win_rate", "win rate", "o-")], 0.5,

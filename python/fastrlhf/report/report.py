@@ -75,6 +75,20 @@ def md_cell(text: Any) -> str:
     return s.replace("\r\n", "\n").replace("\r", "\n").replace("\n", "<br>")
 
 
+def _with_intervals(row: Mapping[str, Any]) -> dict[str, str]:
+    """A row's cells, a value with an interval (``k``, ``k/low``, ``k/high``) as one cell
+    ``"v [low, high]"`` (``k/n``, the number of comparisons, is left out)."""
+    out = {}
+    for k, v in row.items():
+        base, _, part = k.rpartition("/")
+        if part in ("low", "high", "n") and base in row and f"{base}/low" in row and f"{base}/high" in row:
+            continue
+        lo, hi = row.get(f"{k}/low"), row.get(f"{k}/high")
+        finite = all(isinstance(x, (int, float)) and math.isfinite(x) for x in (lo, hi))
+        out[k] = f"{_fmt(v)} [{_fmt(lo)}, {_fmt(hi)}]" if finite else _fmt(v)
+    return out
+
+
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
@@ -197,11 +211,14 @@ def write_report(run_dir: str | Path, *, title: str | None = None, config: Confi
         lines += ["## Summary", ""]
         if summary_note:
             lines += [f"At {summary_note}.", ""]
-        lines += _table(["Metric", "Value"], [[md_cell(k), _fmt(v)] for k, v in summary.items()]) + [""]
+        if any(k.endswith("/low") for k in summary):
+            lines += ["Rates in brackets: 95% bootstrap confidence intervals over the evaluation prompts.", ""]
+        lines += _table(["Metric", "Value"], [[md_cell(k), v] for k, v in _with_intervals(summary).items()]) + [""]
     if rounds:
-        cols = list(dict.fromkeys(k for row in rounds for k in row))
+        cells = [_with_intervals(row) for row in rounds]
+        cols = list(dict.fromkeys(k for row in cells for k in row))
         lines += ["## Rounds", ""]
-        lines += _table([md_cell(c) for c in cols], [[_fmt(row.get(c)) for c in cols] for row in rounds]) + [""]
+        lines += _table([md_cell(c) for c in cols], [[row.get(c, "—") for c in cols] for row in cells]) + [""]
     if plots or plots_missing:
         lines += ["## Charts", ""]
         if plots_missing:
