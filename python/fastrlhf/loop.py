@@ -2,7 +2,9 @@
 
 Each round:
 
-1. **sample pairs**: two completions of ``pairs_per_round`` prompts from the current policy;
+1. **sample answers**: ``answers_per_prompt`` completions of ``pairs_per_round`` prompts from the
+   current policy; every pair of a prompt's answers is to be labeled (with 4 answers, 6 pairs:
+   InstructGPT's K-way comparisons, more labels per generated answer);
 2. **collect feedback**: humans label them (``human``: in the terminal, or ``web``: a local page),
    and / or AI judges do (``feedback`` specs combined by :class:`~fastrlhf.feedback.CompositeFeedback`:
    a simulated annotator with a hidden true preference, VADER, an LLM judge, ...); every judgment
@@ -22,6 +24,7 @@ continues after the last completed round (an interrupted round starts over).
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import math
 import random
@@ -33,7 +36,7 @@ from typing import Literal
 from fastrlhf import ops
 from fastrlhf.config import Config, ConfigError, option
 from fastrlhf.data import load_rows
-from fastrlhf.feedback import CompositeFeedback, PreferenceStore, SimulatedAnnotator
+from fastrlhf.feedback import CompositeFeedback, PreferenceStore, SimulatedAnnotator, evaluation
 from fastrlhf.feedback.judges import RewardModelJudge
 from fastrlhf.feedback.labeler import LabelQueue, run_terminal_labeler, serve_web_labeler
 from fastrlhf.generation import GenerationConfig
@@ -84,8 +87,15 @@ class LoopConfig(Config):
     output_dir: str = option("runs/loop", "the run directory")
     seed: int = option(0, "seed of prompts, sampling and the simulated annotator")
     rounds: int = option(3, "rounds of the loop", min=1)
-    pairs_per_round: int = option(32, "prompts sampled for labeling per round (one pair each)", min=1)
+    pairs_per_round: int = option(32, "prompts sampled for labeling per round (answers_per_prompt answers each, "
+                                  "every pair of them labeled)", min=1)
+    answers_per_prompt: int = option(2, "answers sampled per labeling prompt: k answers give k * (k - 1) / 2 "
+                                     "labeled pairs (InstructGPT's K-way comparisons)", min=2)
     eval_prompts: int = option(32, "held-out prompts for the win-rate and the reward model's agreement", min=1)
+    eval_samples: int = option(4, "answers sampled per held-out prompt: win-rates over eval_prompts x "
+                               "eval_samples^2 comparisons (each answer against each of the starting policy's), "
+                               "the reward model's agreement over pairs of them (95% bootstrap intervals over "
+                               "prompts)", min=2)
     max_new_tokens: int = option(48, "tokens per completion at most (pairs, evaluation, training)", min=1)
     temperature: float = option(1.0, "sampling temperature of the pairs and the policy", min=0.0, min_exclusive=True)
     chat: bool = option(True, "send string prompts through the chat template (instruct models)")
@@ -166,16 +176,15 @@ def ai_feedback(cfg: LoopConfig, tokenizer):
     return CompositeFeedback(signals), truth
 
 
-def sample_pairs(policy, tokenizer, prompts: list, cfg: LoopConfig, seed: int) -> ro.Rollout:
+def sample_answers(policy, tokenizer, prompts: list, cfg: LoopConfig, seed: int) -> ro.Rollout:
+    """``answers_per_prompt`` answers to each prompt (``[P * k]``, a prompt's answers adjacent)."""
     gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=seed,
                            stop_token_ids=ro.stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id)
-    return ro.sample(policy, tokenizer, prompts, gen, group_size=2)
+    return ro.sample(policy, tokenizer, prompts, gen, group_size=cfg.answers_per_prompt)
 
 
-def label_with_ai(store: PreferenceStore, judge, rollout: ro.Rollout) -> dict:
-    """The AI judge labels every pair; the labels go into the store (annotator ``ai``)."""
-    prompts = rollout.prompts[0::2]
-    a, b = rollout.completions[0::2], rollout.completions[1::2]
+def label_with_ai(store: PreferenceStore, judge, prompts: list, a: list[str], b: list[str]) -> dict:
+    """The AI judge labels every pair ``(a[i], b[i])``; the labels go into the store (annotator ``ai``)."""
     p = judge.compare(prompts, a, b).float()
     n = 0
     for i, pi in enumerate(p.tolist()):
@@ -188,11 +197,11 @@ def label_with_ai(store: PreferenceStore, judge, rollout: ro.Rollout) -> dict:
     return {"ai_labels": float(n), **{f"feedback/{k}": v for k, v in stats.items() if isinstance(v, (int, float))}}
 
 
-def label_with_humans(store: PreferenceStore, rollout: ro.Rollout, cfg: LoopConfig, round_dir: Path) -> dict:
-    """Pause for labeling in the terminal or a local web page (Ctrl-C ends the loop; labels so far
-    are kept)."""
-    items = [(rollout.prompts[2 * i], rollout.completions[2 * i], rollout.completions[2 * i + 1])
-             for i in range(len(rollout.prompts) // 2)]
+def label_with_humans(store: PreferenceStore, prompts: list, a: list[str], b: list[str], cfg: LoopConfig,
+                      round_dir: Path) -> dict:
+    """Pause for labeling the pairs ``(a[i], b[i])`` in the terminal or a local web page (Ctrl-C
+    ends the loop; labels so far are kept)."""
+    items = list(zip(prompts, a, b))
     (round_dir / "items.jsonl").write_text("".join(json.dumps({"prompt": p, "completion_a": a, "completion_b": b})
                                                    + "\n" for p, a, b in items))
     queue = LabelQueue.from_tuples(items)
@@ -212,25 +221,25 @@ def label_with_humans(store: PreferenceStore, rollout: ro.Rollout, cfg: LoopConf
     return {"human_labels": float(len(keys))}
 
 
-def rm_agreement(rm_judge, truth: SimulatedAnnotator, rollout: ro.Rollout) -> float:
-    """How often the reward model orders a pair as the hidden true preference does (exact ties of
-    the truth excluded)."""
-    prompts = rollout.prompts[0::2]
-    a, b = rollout.completions[0::2], rollout.completions[1::2]
-    ra, rb = rm_judge.score(prompts, a), rm_judge.score(prompts, b)
-    ta, tb = truth.utility(prompts, a), truth.utility(prompts, b)
-    keep = ta != tb
-    if not bool(keep.any()):
-        return float("nan")
-    return float(((ra > rb) == (ta > tb))[keep].float().mean())
+def eval_answers(policy, tokenizer, prompts: list, cfg: LoopConfig) -> ro.Rollout:
+    """``eval_samples`` answers to each held-out prompt (``[P * eval_samples]``, a prompt's answers
+    adjacent). Every round draws with the same seed, so rounds differ by the policy only."""
+    gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + 1,
+                           stop_token_ids=ro.stop_token_ids(policy, tokenizer), pad_token_id=tokenizer.pad_token_id)
+    return ro.sample(policy, tokenizer, prompts, gen, group_size=cfg.eval_samples)
 
 
-def win_rate(truth_or_judge, prompts, new: list[str], old: list[str]) -> float:
-    """The fraction of prompts whose new completion beats the old one (ties count half), under the
-    hidden true utility (a simulated annotator) or a judge's scores."""
-    score = truth_or_judge.utility if hasattr(truth_or_judge, "utility") else truth_or_judge.score
-    s_new, s_old = score(prompts, new), score(prompts, old)
-    return float(((s_new > s_old).float() + 0.5 * (s_new == s_old).float()).mean())
+def answer_pairs(answers: ro.Rollout, k: int, *, every: bool = False) -> tuple[list, list[str], list[str]]:
+    """(prompts, a, b) from ``k`` adjacent answers a prompt: answers ``2j`` and ``2j + 1`` as a pair
+    (``k // 2`` disjoint pairs a prompt), or with ``every`` all ``k * (k - 1) / 2`` pairs."""
+    pairs = list(itertools.combinations(range(k), 2)) if every else [(j, j + 1) for j in range(0, k - 1, 2)]
+    prompts, a, b = [], [], []
+    for start in range(0, len(answers.prompts), k):
+        for i, j in pairs:
+            prompts.append(answers.prompts[start + i])
+            a.append(answers.completions[start + i])
+            b.append(answers.completions[start + j])
+    return prompts, a, b
 
 
 def policy_kl(policy, rollout: ro.Rollout, temperature: float) -> float:
@@ -287,11 +296,12 @@ def run_loop(cfg: LoopConfig, *, resume: bool = False) -> dict:
     train_prompts = [prompts[i] for i in order[cfg.eval_prompts:]]
     store = PreferenceStore(run_dir / "feedback.jsonl")
     judge, truth = ai_feedback(cfg, tok) if cfg.ai_feedback else (None, None)
-    eval_gen = GenerationConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed + 1,
-                                stop_token_ids=ro.stop_token_ids(policy, tok), pad_token_id=tok.pad_token_id)
-    base_eval = ro.sample(policy, tok, eval_prompts, eval_gen)  # the starting policy's answers
+    base_eval = eval_answers(policy, tok, eval_prompts, cfg)  # the starting policy's answers [P * k]
+    k = cfg.eval_samples
     (run_dir / "samples_before.json").write_text(json.dumps(
-        [{"prompt": prompt_text(p), "completion": c} for p, c in zip(eval_prompts, base_eval.completions)], indent=1))
+        [{"prompt": prompt_text(p), "completion": c} for p, c in zip(base_eval.prompts, base_eval.completions)],
+        indent=1))
+    current = base_eval  # the answers of the policy as it enters the round
     rm = None
     if done:  # continue after the last completed round
         last = run_dir / f"round-{len(done):02d}"
@@ -300,18 +310,20 @@ def run_loop(cfg: LoopConfig, *, resume: bool = False) -> dict:
         else:  # full fine-tuning: the round's policy run saved the whole model
             policy.load_state_dict(CausalLM.from_pretrained(last / "policy" / "model").state_dict())
         rm = RewardModel.from_pretrained(last / "reward_model" / "model")
+        current = eval_answers(policy, tok, eval_prompts, cfg)
     summary = done[-1] if done else {}
     for r in range(len(done) + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         round_dir = run_dir / f"round-{r:02d}"
         round_dir.mkdir(exist_ok=True)
         batch = [train_prompts[(r * cfg.pairs_per_round + i) % len(train_prompts)] for i in range(cfg.pairs_per_round)]
-        pairs = sample_pairs(policy, tok, batch, cfg, seed=cfg.seed * 1000 + r)
+        answers = sample_answers(policy, tok, batch, cfg, seed=cfg.seed * 1000 + r)
+        pairs = answer_pairs(answers, cfg.answers_per_prompt, every=True)
         summary = {"round": r}
         if cfg.human:
-            summary.update(label_with_humans(store, pairs, cfg, round_dir))
+            summary.update(label_with_humans(store, *pairs, cfg, round_dir))
         if judge is not None:
-            summary.update(label_with_ai(store, judge, pairs))
+            summary.update(label_with_ai(store, judge, *pairs))
         rows = store.to_rows()
         summary["feedback_pairs"] = float(len(rows))
         if len(rows) < 2:
@@ -328,27 +340,29 @@ def run_loop(cfg: LoopConfig, *, resume: bool = False) -> dict:
         summary["rm_accuracy"] = rm_out.get("eval/accuracy", float("nan"))
         rm.eval()
         rm_judge = RewardModelJudge(rm, tok)
-        eval_pairs = sample_pairs(policy, tok, eval_prompts, cfg, seed=cfg.seed * 1000 + 500 + r)
-        if truth is not None:
-            summary["rm_true_accuracy"] = rm_agreement(rm_judge, truth, eval_pairs)
+        if truth is not None:  # on pairs of the policy's own answers, as the round's labels are
+            summary.update(evaluation.agreement(rm_judge, truth, *answer_pairs(current, k, every=True),
+                                                seed=cfg.seed).as_metrics("rm_true_accuracy"))
         trainer = _policy_trainer(cfg, policy, tok, train_prompts, rm_judge, round_dir / "policy")
         last = trainer.train()
         summary["train_reward"] = last.get("reward", float("nan"))
         if cfg.lora_r:
             save_lora(policy, round_dir / "policy_adapters")
-        now = ro.sample(policy, tok, eval_prompts, eval_gen)
-        summary["reward"] = float(rm_judge.score(eval_prompts, now.completions).mean())
+        now = eval_answers(policy, tok, eval_prompts, cfg)
+        summary["reward"] = float(rm_judge.score(now.prompts, now.completions).mean())
         summary["kl"] = policy_kl(policy, now, cfg.temperature) if cfg.lora_r else float("nan")
         summary["response_length"] = float(now.response_lengths.float().mean())
+        compared = (now.prompts, now.completions, base_eval.completions)
         if truth is not None:
-            summary["win_rate"] = win_rate(truth, eval_prompts, now.completions, base_eval.completions)
-            summary["true_utility"] = float(truth.utility(eval_prompts, now.completions).mean())
-            summary["true_utility_start"] = float(truth.utility(eval_prompts, base_eval.completions).mean())
-        summary["win_rate_rm"] = win_rate(rm_judge, eval_prompts, now.completions, base_eval.completions)
+            summary.update(evaluation.win_rate(truth, *compared, samples=k, seed=cfg.seed).as_metrics("win_rate"))
+            summary["true_utility"] = float(truth.utility(now.prompts, now.completions).mean())
+            summary["true_utility_start"] = float(truth.utility(base_eval.prompts, base_eval.completions).mean())
+        summary.update(evaluation.win_rate(rm_judge, *compared, samples=k, seed=cfg.seed).as_metrics("win_rate_rm"))
+        current = now
         summary["seconds"] = time.perf_counter() - t0
         (round_dir / "samples.json").write_text(json.dumps(
             [{"prompt": prompt_text(p), "before": b, "after": a}
-             for p, b, a in zip(eval_prompts, base_eval.completions, now.completions)], indent=1))
+             for p, b, a in zip(now.prompts[::k], base_eval.completions[::k], now.completions[::k])], indent=1))
         _append_jsonl(run_dir / "rounds.jsonl", summary)
     _finish(run_dir, cfg, summary)
     return summary

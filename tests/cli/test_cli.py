@@ -130,12 +130,16 @@ def loop_args(tmp_path, model_dir, *extra):
 
 
 def test_loop_on_ai_feedback_then_plot(tmp_path, tiny_model_dir, capsys):
-    assert main(loop_args(tmp_path, tiny_model_dir)) == 0
+    assert main(loop_args(tmp_path, tiny_model_dir, "--answers_per_prompt", "3")) == 0
     run = tmp_path / "loop"
     rounds = [json.loads(line) for line in (run / "rounds.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rounds] == [1, 2]
-    for key in ("feedback_pairs", "rm_accuracy", "win_rate", "kl", "reward", "label_accuracy"):
+    assert rounds[0]["ai_labels"] == 4 * 3  # 4 prompts, every pair of 3 answers
+    for key in ("feedback_pairs", "rm_accuracy", "win_rate", "kl", "reward", "label_accuracy", "rm_true_accuracy"):
         assert key in rounds[-1]
+    for key in ("win_rate", "win_rate_rm"):  # rates come with 95% intervals
+        assert rounds[-1][f"{key}/low"] <= rounds[-1][key] <= rounds[-1][f"{key}/high"], key
+    assert rounds[-1]["win_rate/n"] == 3 * 4 * 4  # eval_prompts x eval_samples^2 comparisons
     assert rounds[1]["feedback_pairs"] > rounds[0]["feedback_pairs"]  # the store accumulates
     assert (run / "report.md").exists() and (run / "samples.json").exists()
     # resume after the last completed round does nothing more; more rounds continue from it
