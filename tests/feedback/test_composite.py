@@ -179,6 +179,19 @@ def test_compare_scores_each_distinct_answer_once():
     assert fresh.stats["len"].mean == pytest.approx(comp.stats["len"].mean)
 
 
+def test_default_compare_scores_each_distinct_answer_once():
+    seen = []
+
+    class Counting(Judge):
+        def score(self, prompts, completions):
+            seen.append(list(completions))
+            return torch.tensor([float(len(c)) for c in completions])
+
+    p = Counting().compare(["p", "p", "q"], ["a", "a", "a"], ["bb", "ccc", "bb"])
+    assert seen == [["a", "a", "bb", "ccc", "bb"]]  # (p, a) once; (q, a) is another prompt's answer
+    torch.testing.assert_close(p, torch.sigmoid(torch.tensor([1.0 - 2, 1 - 3, 1 - 2])))
+
+
 def test_argument_errors():
     with pytest.raises(ValueError, match="empty"):
         CompositeFeedback({})

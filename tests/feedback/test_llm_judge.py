@@ -113,6 +113,13 @@ def test_rate_mode_expected_rating():
     assert 0.999 > j.last_stats["choice_mass"] > 0  # the digits' share of the full softmax
     p = j.compare(PROMPTS, ["good", "good"], ["bad", "bad"])  # Bradley-Terry on the expected ratings
     torch.testing.assert_close(p, torch.sigmoid(e_good - e_bad).expand(2), atol=1e-5, rtol=0)
+    scored = []  # K-way pairs share answers: each distinct (prompt, answer) is rated once
+    score = j.score
+    j.score = lambda prompts, answers: scored.append(list(answers)) or score(prompts, answers)
+    p3 = j.compare([PROMPTS[0]] * 3, ["good", "good", "bad"], ["bad", "meh", "meh"])
+    assert scored == [["good", "bad", "meh"]]
+    s3 = score([PROMPTS[0]] * 3, ["good", "bad", "meh"])  # the same as rating each side apart
+    torch.testing.assert_close(p3, torch.sigmoid(s3[[0, 0, 1]] - s3[[1, 2, 2]]), atol=1e-5, rtol=0)
     # contextual calibration divides by the content-free answer's distribution (here: rating 1)
     jc = LLMJudge(ScriptedJudgeLM(tok), tok, mode="rate", shots=(), calibrate=True)
     sc = jc.score(PROMPTS, ["good answer", "meh"])

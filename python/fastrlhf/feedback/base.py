@@ -50,9 +50,35 @@ class Judge:
             completions_a, completions_b: two answers to each.
         """
         _check_lengths(prompts, completions_a, completions_b)
-        a = self.score(prompts, completions_a)
-        b = self.score(prompts, completions_b)
+        a, b = score_pairs(self.score, prompts, completions_a, completions_b)
         return torch.sigmoid(a.float() - b.float())
+
+
+def distinct_answers(prompts: Sequence[Prompt], completions_a: Sequence[str],
+                     completions_b: Sequence[str]) -> tuple[list, list[str], torch.Tensor]:
+    """The distinct (prompt, answer) pairs among both sides of ``N`` pairs: ``(prompts [U],
+    answers [U], index [2N])``, where ``index[i]`` (``index[N + i]``) is the distinct entry of
+    ``completions_a[i]`` (``completions_b[i]``). Pairs drawn from K answers a prompt (every pair
+    of them, as InstructGPT's K-way comparisons) share answers: a judge scores each one once."""
+    seen: dict = {}
+    unique_prompts, unique_answers, index = [], [], []
+    for p, c in zip([*prompts, *prompts], [*completions_a, *completions_b]):
+        key = (repr(p), c)
+        if key not in seen:
+            seen[key] = len(seen)
+            unique_prompts.append(p)
+            unique_answers.append(c)
+        index.append(seen[key])
+    return unique_prompts, unique_answers, torch.tensor(index, dtype=torch.long)
+
+
+def score_pairs(score, prompts: Sequence[Prompt], completions_a: Sequence[str],
+                completions_b: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scores of completions_a [N], scores of completions_b [N])`` from ``score(prompts,
+    completions)``, called once on the distinct answers (:func:`distinct_answers`)."""
+    unique_prompts, unique_answers, index = distinct_answers(prompts, completions_a, completions_b)
+    scores = score(unique_prompts, unique_answers)[index]  # [2N]
+    return scores[: len(prompts)], scores[len(prompts):]
 
 
 def _check_lengths(prompts, *others) -> None:

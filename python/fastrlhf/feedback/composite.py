@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from fastrlhf.feedback.base import Judge
+from fastrlhf.feedback.base import Judge, distinct_answers
 from fastrlhf.feedback.judges._common import check_lengths
 
 Aggregate = Literal["mean", "median"]
@@ -188,22 +188,12 @@ class CompositeFeedback(Judge):
         return out
 
     def _raw_pairs(self, name: str, prompts, completions_a, completions_b) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw scores ``([N], [N])`` of both sides of ``N`` pairs, each distinct (prompt, answer)
-        scored once: pairs drawn from K answers a prompt share answers, and a judge (an LLM, a
-        reward model) should not pay for an answer K - 1 times. The running statistics see each
-        distinct answer once."""
-        index: dict = {}
-        unique_prompts, unique_answers, slots = [], [], []  # slots [2N]: each side's distinct answer
-        for p, c in zip([*prompts, *prompts], [*completions_a, *completions_b]):
-            key = (repr(p), c)
-            if key not in index:
-                index[key] = len(index)
-                unique_prompts.append(p)
-                unique_answers.append(c)
-            slots.append(index[key])
+        """Raw scores ``([N], [N])`` of both sides of ``N`` pairs, each distinct answer scored once;
+        the running statistics see each distinct answer once."""
+        unique_prompts, unique_answers, index = distinct_answers(prompts, completions_a, completions_b)
         unique = self._raw(name, unique_prompts, unique_answers)  # [U]
         self.stats[name].update(unique)
-        scores = unique[torch.tensor(slots, dtype=torch.long)]  # [2N]
+        scores = unique[index]  # [2N]
         return scores[: len(prompts)], scores[len(prompts):]
 
     def _normalized(self, name: str, raw: torch.Tensor) -> torch.Tensor:

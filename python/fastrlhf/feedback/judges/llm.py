@@ -34,7 +34,7 @@ import torch
 
 from fastrlhf import ops
 from fastrlhf.data import as_conversation, encode_pair, is_conversation
-from fastrlhf.feedback.base import Judge
+from fastrlhf.feedback.base import Judge, score_pairs
 from fastrlhf.feedback.judges._common import check_lengths
 
 Mode = Literal["compare", "rate", "likelihood"]
@@ -363,8 +363,8 @@ class LLMJudge(Judge):
             completions_a, completions_b: two answers to each.
         """
         check_lengths(self.name, prompts, completions_a, completions_b)
-        if self.mode != "compare":
-            a, b = self.score(prompts, completions_a), self.score(prompts, completions_b)
+        if self.mode != "compare":  # each distinct answer scored once (K-way pairs share answers)
+            a, b = score_pairs(self.score, prompts, completions_a, completions_b)
             return torch.sigmoid((a - b) / self.temperature)
         s, bias = self.compare_logodds(prompts, completions_a, completions_b)
         return torch.sigmoid(s / self.temperature)
