@@ -1,11 +1,12 @@
 """``fastrlhf demo``: the main job, offline, on 2 CPU cores.
 
 * ``--task feedback`` (the default; the seeds' loop): SmolLM2-135M-Instruct with LoRA answers
-  short instructions; a simulated annotator with a hidden true preference (friendly and concise
-  answers, 20% of its labels flipped), the VADER judge and the LLM judge give feedback, combined by
-  CompositeFeedback; each round trains a reward model on all feedback so far and optimizes the
-  policy with GRPO against it. The report gives the reward model's agreement with the true
-  preference and the final policy's win-rate over the starting one under it.
+  short instructions, four answers a prompt; a simulated annotator with a hidden true preference
+  (friendly and concise answers, 20% of its labels flipped), the VADER judge and the LLM judge
+  compare every pair of them, combined by CompositeFeedback; each round trains a reward model on
+  all feedback so far and optimizes the policy with GRPO against it. The report gives the reward
+  model's agreement with the true preference and the final policy's win-rate over the starting
+  one under it, with 95% bootstrap intervals over the held-out prompts.
 * ``--task arithmetic`` (verifiable rewards): a small model trained from scratch by SFT on
   additions ``a + b`` (a in [0, 99], b in [0, 9]) whose labels are partly wrong (70% of the answers
   that need a carry forget it), then improved by GRPO with an exact-answer reward; held-out
@@ -63,12 +64,13 @@ def feedback_loop_config(cfg: DemoConfig) -> LoopConfig:
                           reward_model=RewardConfig(max_steps=2, batch_size=4, eval_fraction=0.25, lora_r=0),
                           grpo=GRPOConfig(max_steps=1, prompts_per_step=2, group_size=2, learning_rate=1e-4,
                                           kl_coef=0.05))
-    return LoopConfig(output_dir=out, seed=cfg.seed, rounds=3, pairs_per_round=48, eval_prompts=24, max_new_tokens=64,
-                      feedback=feedback, lora_r=8, rm_layers=6, progress=cfg.progress,
-                      reward_model=RewardConfig(max_steps=30, batch_size=16, micro_batch_size=16, learning_rate=1e-3,
-                                                eval_fraction=0.2, lora_r=8),
-                      grpo=GRPOConfig(max_steps=5, prompts_per_step=6, group_size=4, learning_rate=1e-3,
-                                      kl_coef=0.05, micro_batch_size=12))
+    return LoopConfig(output_dir=out, seed=cfg.seed, rounds=3, pairs_per_round=32, answers_per_prompt=4,
+                      eval_prompts=24, max_new_tokens=64, feedback=feedback, lora_r=8, rm_layers=3,
+                      progress=cfg.progress,
+                      reward_model=RewardConfig(max_steps=40, batch_size=16, micro_batch_size=16, learning_rate=1e-3,
+                                                eval_fraction=0.1, lora_r=8),
+                      grpo=GRPOConfig(max_steps=5, prompts_per_step=6, group_size=4, learning_rate=8e-4,
+                                      kl_coef=0.1, micro_batch_size=12))
 
 
 def run_feedback_task(cfg: DemoConfig) -> dict:
@@ -189,8 +191,14 @@ def _print_summary(results: dict) -> None:
     for task, r in results.items():
         if task == "feedback":
             print(f"  feedback: win-rate over the starting policy under the true preference: "
-                  f"{r.get('win_rate', float('nan')):.0%}; reward model agreement with it: "
-                  f"{r.get('rm_true_accuracy', float('nan')):.0%}; KL {r.get('kl', float('nan')):.3f}")
+                  f"{_rate(r, 'win_rate')}; reward model agreement with it: {_rate(r, 'rm_true_accuracy')}; "
+                  f"KL {r.get('kl', float('nan')):.3f}")
         else:
             print(f"  arithmetic: held-out accuracy {r['accuracy_before']:.0%} -> {r['accuracy_after']:.0%} "
                   f"(carry problems {r['carry_accuracy_before']:.0%} -> {r['carry_accuracy_after']:.0%})")
+
+
+def _rate(r: dict, key: str) -> str:
+    """``"83% (95% CI 71-92%)"`` from a summary's ``key``, ``key/low``, ``key/high``."""
+    v, lo, hi = (r.get(k, float("nan")) for k in (key, f"{key}/low", f"{key}/high"))
+    return f"{v:.0%}" + ("" if lo != lo or hi != hi else f" (95% CI {lo:.0%}-{hi:.0%})")
