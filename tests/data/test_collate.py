@@ -25,6 +25,28 @@ def test_conversation_pair_masks_the_answer_only(tok):
     assert tok.decode(c, skip_special_tokens=False).startswith("Four.<|im_end|>")
 
 
+def test_answer_merging_with_the_template_newline_keeps_the_prompt_ids():
+    # a BPE that merges the template's "\n" with an answer's leading spaces: the full rendering's
+    # ids do not start with the prompt's, as with SmolLM2 and a sampled answer "        This ..."
+    tok = Tokenizer.train(CORPUS + ["x\n        Four"] * 40, vocab_size=300)
+    prompt = as_conversation("What is two plus two?")
+    answer = "        Four."
+    full = tok.apply_chat_template(prompt + [{"role": "assistant", "content": answer}])
+    p, c = encode_pair(tok, prompt, answer)
+    assert full[: len(p)] != p  # the case under test
+    assert p == encode_prompt(tok, prompt)
+    assert tok.decode(p + c, skip_special_tokens=False) == tok.decode(full, skip_special_tokens=False)
+    assert tok.decode(c, skip_special_tokens=False).startswith(answer + "<|im_end|>")
+
+
+def test_template_that_rewrites_the_prompt_is_an_error():
+    other = Tokenizer.train(CORPUS, vocab_size=290)
+    other.chat_template = ("{% for m in messages %}{{ m['role'] }}{% endfor %}"
+                           "{% if add_generation_prompt %}:{% endif %}")
+    with pytest.raises(ValueError, match="renders the prompt differently"):
+        encode_pair(other, as_conversation("hi"), "yo")
+
+
 def test_string_pair_ends_with_eos(tok):
     p, c = encode_pair(tok, "2+2=", "4")
     assert p == tok.encode("2+2=") and c[-1] == tok.eos_token_id and tok.decode(c) == "4"

@@ -42,17 +42,27 @@ def encode_pair(tokenizer, prompt, completion) -> tuple[list[int], list[int]]:
 
     A conversation prompt renders ``prompt + the assistant turn`` with the chat template; the
     completion ids are what follows the prompt's ids (the template's end-of-turn token included).
-    A string prompt and string completion are tokenized as they are, the completion followed by
-    EOS.
+    When the answer's first characters merge with the prompt's last token (an answer starting with
+    spaces after the template's newline, say), the completion ids are the tokens of the rendered
+    text after the prompt's text, as a model that generated the answer after the prompt's ids saw
+    them. A string prompt and string completion are tokenized as they are, the completion followed
+    by EOS.
+
+    Raises:
+        ValueError: the template renders the prompt's text differently when an answer follows.
     """
     if is_conversation(prompt) or is_conversation(completion):
         conv = as_conversation(prompt)
         prompt_ids = tokenizer.apply_chat_template(conv, add_generation_prompt=True)
         full = tokenizer.apply_chat_template(conv + _assistant_turn(completion))
-        if full[: len(prompt_ids)] != prompt_ids:
+        if full[: len(prompt_ids)] == prompt_ids:
+            return prompt_ids, full[len(prompt_ids):]
+        prompt_text = tokenizer.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        full_text = tokenizer.apply_chat_template(conv + _assistant_turn(completion), tokenize=False)
+        if not full_text.startswith(prompt_text):
             raise ValueError("encode_pair: the chat template renders the prompt differently when an answer follows; "
-                             "completion-only masks need the prompt's ids to be a prefix")
-        return prompt_ids, full[len(prompt_ids):]
+                             "completion-only masks need the prompt's text to be a prefix")
+        return prompt_ids, tokenizer.encode(full_text[len(prompt_text):], add_special_tokens=False)
     ids = tokenizer.encode(completion, add_special_tokens=False)
     eos = tokenizer.eos_token_id
     return tokenizer.encode(prompt), ids + ([eos] if eos is not None else [])
