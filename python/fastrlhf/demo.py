@@ -64,7 +64,7 @@ def feedback_loop_config(cfg: DemoConfig) -> LoopConfig:
                           reward_model=RewardConfig(max_steps=2, batch_size=4, eval_fraction=0.25, lora_r=0),
                           grpo=GRPOConfig(max_steps=1, prompts_per_step=2, group_size=2, learning_rate=1e-4,
                                           kl_coef=0.05))
-    return LoopConfig(output_dir=out, seed=cfg.seed, rounds=3, pairs_per_round=32, answers_per_prompt=4,
+    return LoopConfig(output_dir=out, seed=cfg.seed, rounds=4, pairs_per_round=32, answers_per_prompt=4,
                       eval_prompts=24, max_new_tokens=64, feedback=feedback, lora_r=8, rm_layers=3,
                       progress=cfg.progress,
                       reward_model=RewardConfig(max_steps=40, batch_size=16, micro_batch_size=16, learning_rate=1e-3,
