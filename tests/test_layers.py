@@ -18,6 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "python" / "fastrlhf"
 # module-name prefix (after "fastrlhf.") -> layer; the longest matching prefix wins
 LAYERS: dict[str, int] = {
     "_ext": 0,
+    "runtime": 0,
     "ops": 0,
     "models": 1,
     "generation": 2,

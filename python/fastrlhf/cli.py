@@ -122,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     if ns.print_config:
         print(cfg.to_yaml(), end="")
         return 0
+    from fastrlhf.runtime import retain_freed_memory
+
+    retain_freed_memory()  # training steps reuse freed memory instead of faulting fresh pages in
     try:
         fn(cfg, resume=ns.resume)
     except ConfigError as e:  # a value only the run can check (a missing file, a judge spec)
