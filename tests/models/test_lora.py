@@ -117,3 +117,39 @@ def test_lora_disabled_is_the_base_model(batch):
             torch.testing.assert_close(m.token_logprobs(ids, mask), base.token_logprobs(ids, mask), rtol=0, atol=0)
             assert m.lm_head_weight() is m.lm_head.base_layer.weight
         torch.testing.assert_close(m(ids, mask), tuned, rtol=0, atol=0)
+
+
+def test_lora_merged_swaps_in_plain_layers_for_inference(batch):
+    """Inside lora_merged every wrapper is a frozen plain nn.Linear computing the adapted function
+    (to rounding; the base function exactly while disabled); the wrappers come back on exit, even
+    on an error, and generation of a LoRA model is that of its merged copy."""
+    import copy
+
+    from fastrlhf.generation import GenerationConfig, generate
+    from fastrlhf.models import lora_disabled, lora_merged
+
+    ids, mask = batch
+    base = tiny_model()
+    m = apply_lora(tiny_model(), r=4, alpha=8)
+    m.lm_head = LoRALinear(m.lm_head, 4, 8)
+    train_a_bit(m, ids, mask)
+    wrappers = [mod for mod in m.modules() if isinstance(mod, LoRALinear)]
+    with torch.no_grad():
+        tuned = m(ids, mask)
+        with lora_merged(m):
+            assert not any(isinstance(mod, LoRALinear) for mod in m.modules())
+            assert not any(p.requires_grad for p in m.parameters())
+            torch.testing.assert_close(m(ids, mask), tuned, rtol=1e-5, atol=1e-5)
+        assert [mod for mod in m.modules() if isinstance(mod, LoRALinear)] == wrappers
+        torch.testing.assert_close(m(ids, mask), tuned, rtol=0, atol=0)
+        with lora_disabled(m), lora_merged(m):
+            torch.testing.assert_close(m(ids, mask), base(ids, mask), rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="boom"), lora_merged(m):
+            raise RuntimeError("boom")
+        assert [mod for mod in m.modules() if isinstance(mod, LoRALinear)] == wrappers
+    cfg = GenerationConfig(max_new_tokens=6, temperature=0.0)
+    out = generate(m, ids, mask, cfg)
+    want = generate(merge_lora(copy.deepcopy(m)), ids, mask, cfg)
+    assert torch.equal(out.sequences, want.sequences)
+    torch.testing.assert_close(out.logprobs, want.logprobs, rtol=1e-5, atol=1e-5)
+    assert any(isinstance(mod, LoRALinear) for mod in m.modules())

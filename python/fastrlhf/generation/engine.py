@@ -11,6 +11,10 @@
    ``ops.decode_attention``. Rows that hit a stop token or their ``max_new_tokens`` leave the batch
    together with their cache rows (``drop_finished``), so they cost nothing more.
 
+A LoRA policy generates with its adapters folded into plain weights for the call
+(:func:`~fastrlhf.models.lora_merged`): the base model's cost and fast paths, not one extra pair of
+matmuls per projection and token.
+
 Randomness: Philox keyed by ``config.seed``; step t of row b uses counter (t, id_b), where id_b is
 ``config.request_ids[b]`` when given, else b, the row's index in the call's input. A row's tokens
 therefore depend on the seed, its prompt, its own settings and its id - not on which other rows
@@ -32,7 +36,7 @@ import torch
 from fastrlhf.generation.config import GenerationConfig, GenerationOutput
 from fastrlhf.generation.decoding import Decoder, SamplingPlan
 from fastrlhf.generation.hf import generate_hf
-from fastrlhf.models import CausalLM
+from fastrlhf.models import CausalLM, lora_merged
 
 
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
@@ -60,8 +64,13 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 # native path
 
 
-@torch.no_grad()  # not inference_mode: the outputs feed training forwards (autograd)
 def _generate_native(model, input_ids, attention_mask, config: GenerationConfig) -> GenerationOutput:
+    with lora_merged(model):  # LoRA adapters folded into plain weights: decode at the base model's cost
+        return _generate_plain(model, input_ids, attention_mask, config)
+
+
+@torch.no_grad()  # not inference_mode: the outputs feed training forwards (autograd)
+def _generate_plain(model, input_ids, attention_mask, config: GenerationConfig) -> GenerationOutput:
     input_ids = input_ids.to(model.device)
     plan = SamplingPlan(input_ids, attention_mask, config, model)
     B, P, L, dev = plan.B, plan.P, plan.L, input_ids.device

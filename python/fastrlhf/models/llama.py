@@ -345,7 +345,8 @@ class CausalLM(nn.Module):
         """Within the block, decode steps on the CPU multiply by concatenated q/k/v and gate/up
         weights (fewer, larger matmuls; one rotation for q and k). The packed copies are built on
         entry from the current weights (so a training step between generations is seen) and freed
-        on exit. A no-op on GPUs (cuBLAS gains little) and for LoRA-wrapped projections."""
+        on exit. A no-op on GPUs (cuBLAS gains little) and for LoRA-wrapped projections
+        (``generate`` folds adapters into plain weights first: :func:`~fastrlhf.models.lora_merged`)."""
         with packed_decode_weights(self.model.layers, self.device):
             yield self
 

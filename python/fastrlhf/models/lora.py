@@ -167,6 +167,39 @@ def lora_disabled(model: nn.Module):
             m.disabled = b
 
 
+def _frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """A plain ``nn.Linear`` holding ``weight`` / ``bias`` as frozen parameters (built on the meta
+    device: no random init of weights replaced right away)."""
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta", dtype=weight.dtype)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+    return layer
+
+
+@contextmanager
+def lora_merged(model: nn.Module):
+    """Within the block every :class:`LoRALinear` of ``model`` is swapped for a frozen plain
+    ``nn.Linear`` holding its current weight (``W + (alpha / r) B A``; ``W`` alone while disabled),
+    so inference (generation) costs what the base model costs and takes the plain layers' fast paths.
+    One copy of the adapted weights lives for the duration; the wrappers return on exit, adapters
+    untouched. Only for no-grad work: the copies do not train.
+
+    Args:
+        model: a model with :class:`LoRALinear` layers (without any, the block changes nothing).
+    """
+    mods = lora_modules(model)
+    with torch.no_grad():
+        plain = [_frozen_linear(m.merged_weight().detach(), m.bias) for _, m in mods]  # disabled: W itself, shared
+    for (name, _), layer in zip(mods, plain):
+        _set_submodule(model, name, layer)
+    try:
+        yield model
+    finally:
+        for name, module in mods:
+            _set_submodule(model, name, module)
+
+
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base layer (in place) and remove the wrappers.
 
