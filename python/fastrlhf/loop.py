@@ -23,6 +23,7 @@ continues after the last completed round (an interrupted round starts over).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -243,12 +244,12 @@ def answer_pairs(answers: ro.Rollout, k: int, *, every: bool = False) -> tuple[l
 
 
 def policy_kl(policy, rollout: ro.Rollout, temperature: float) -> float:
-    """Mean per-token k1 KL of the policy's samples to the LoRA-disabled base."""
-    lp = ro.response_logprobs(policy, rollout, temperature=temperature)
+    """Mean per-token k1 KL of the policy's samples to the LoRA-disabled base: the log-probs
+    recorded while sampling against one forward of the base (no second forward of the policy)."""
     with lora_disabled(policy):
         ref = ro.response_logprobs(policy, rollout, temperature=temperature)
     m = rollout.response_mask
-    return float((ops.kl_penalty(lp, ref) * m).sum() / m.sum().clamp(min=1))
+    return float((ops.kl_penalty(rollout.logprobs * m, ref) * m).sum() / m.sum().clamp(min=1))
 
 
 # ---- the loop ---------------------------------------------------------------------------------
@@ -264,6 +265,22 @@ def _policy_trainer(cfg: LoopConfig, policy, tokenizer, prompts, judge, out_dir:
     if cfg.algorithm == "ppo":
         return PPOTrainer(policy, tokenizer, load_rows(rows), judge, cfg.ppo.replace(**common))
     return OnlineDPOTrainer(policy, tokenizer, load_rows(rows), judge, cfg.dpo.replace(**common))
+
+
+class _PhaseTimer:
+    """``with timer("sample"): ...`` adds the block's wall seconds to ``summary["seconds/sample"]``."""
+
+    def __init__(self, summary: dict):
+        self.summary = summary
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            key = f"seconds/{phase}"
+            self.summary[key] = self.summary.get(key, 0.0) + time.perf_counter() - t0
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -314,16 +331,20 @@ def run_loop(cfg: LoopConfig, *, resume: bool = False) -> dict:
     summary = done[-1] if done else {}
     for r in range(len(done) + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
+        summary = {"round": r}
+        timer = _PhaseTimer(summary)
         round_dir = run_dir / f"round-{r:02d}"
         round_dir.mkdir(exist_ok=True)
         batch = [train_prompts[(r * cfg.pairs_per_round + i) % len(train_prompts)] for i in range(cfg.pairs_per_round)]
-        answers = sample_answers(policy, tok, batch, cfg, seed=cfg.seed * 1000 + r)
+        with timer("sample"):
+            answers = sample_answers(policy, tok, batch, cfg, seed=cfg.seed * 1000 + r)
         pairs = answer_pairs(answers, cfg.answers_per_prompt, every=True)
-        summary = {"round": r}
         if cfg.human:
-            summary.update(label_with_humans(store, *pairs, cfg, round_dir))
+            with timer("human"):
+                summary.update(label_with_humans(store, *pairs, cfg, round_dir))
         if judge is not None:
-            summary.update(label_with_ai(store, judge, *pairs))
+            with timer("label"):
+                summary.update(label_with_ai(store, judge, *pairs))
         rows = store.to_rows()
         summary["feedback_pairs"] = float(len(rows))
         if len(rows) < 2:
@@ -336,21 +357,25 @@ def run_loop(cfg: LoopConfig, *, resume: bool = False) -> dict:
             rm = RewardModel.from_causal_lm(policy, num_layers=cfg.rm_layers)  # the policy's trunk (adapters merged)
         rm_cfg = cfg.reward_model.replace(output_dir=str(round_dir / "reward_model"), progress=cfg.progress,
                                           seed=cfg.seed + r)
-        rm_out = RewardTrainer(rm, tok, rows, rm_cfg).train()
+        with timer("reward_model"):
+            rm_out = RewardTrainer(rm, tok, rows, rm_cfg).train()
         summary["rm_accuracy"] = rm_out.get("eval/accuracy", float("nan"))
         rm.eval()
         rm_judge = RewardModelJudge(rm, tok)
         if truth is not None:  # on pairs of the policy's own answers, as the round's labels are
             summary.update(evaluation.agreement(rm_judge, truth, *answer_pairs(current, k, every=True),
                                                 seed=cfg.seed).as_metrics("rm_true_accuracy"))
-        trainer = _policy_trainer(cfg, policy, tok, train_prompts, rm_judge, round_dir / "policy")
-        last = trainer.train()
+        with timer("policy"):
+            trainer = _policy_trainer(cfg, policy, tok, train_prompts, rm_judge, round_dir / "policy")
+            last = trainer.train()
         summary["train_reward"] = last.get("reward", float("nan"))
         if cfg.lora_r:
             save_lora(policy, round_dir / "policy_adapters")
-        now = eval_answers(policy, tok, eval_prompts, cfg)
+        with timer("evaluate"):
+            now = eval_answers(policy, tok, eval_prompts, cfg)
         summary["reward"] = float(rm_judge.score(now.prompts, now.completions).mean())
-        summary["kl"] = policy_kl(policy, now, cfg.temperature) if cfg.lora_r else float("nan")
+        with timer("evaluate"):
+            summary["kl"] = policy_kl(policy, now, cfg.temperature) if cfg.lora_r else float("nan")
         summary["response_length"] = float(now.response_lengths.float().mean())
         compared = (now.prompts, now.completions, base_eval.completions)
         if truth is not None:
