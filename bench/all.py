@@ -22,9 +22,9 @@ import _harness as H  # noqa: E402
 
 BENCHES = [
     "gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "preference_loss", "sample",
-    "attention", "generate", "rl_step",
+    "attention", "generate", "rl_step", "allocator",
 ]
-CPU_ONLY = {"rl_step"}  # its plain PyTorch + transformers provider is set up for the CPU
+CPU_ONLY = {"rl_step", "allocator"}  # rl_step: its plain provider is set up for the CPU; allocator: glibc
 
 
 def main(argv=None) -> int:

@@ -13,7 +13,7 @@ import pytest
 BENCH = os.path.join(os.path.dirname(__file__), "..", "..", "bench")
 RESULTS = os.path.join(BENCH, "results")
 SCRIPTS = ["gae", "group_advantages", "whiten", "td_targets", "token_logprobs", "losses", "preference_loss", "sample",
-           "attention", "generate"]
+           "attention", "generate", "allocator"]
 PROVIDERS = {
     "gae": {"kernel", "loop", "vectorized", "reference"},
     "group_advantages": {"kernel", "eager", "reference"},
@@ -25,6 +25,7 @@ PROVIDERS = {
     "sample": {"kernel", "sort_based", "reference"},
     "attention": {"kernel", "sdpa", "sdpa_packed_gqa", "sdpa_repeat_kv", "reference"},
     "generate": {"fastrlhf", "fastrlhf_hf_adapter", "transformers"},
+    "allocator": {"glibc default", "retained"},
 }
 
 
