@@ -23,7 +23,6 @@ continues after the last completed round (an interrupted round starts over).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import itertools
 import json
@@ -55,6 +54,7 @@ from fastrlhf.trainers import (
 )
 from fastrlhf.trainers import rollout as ro
 from fastrlhf.trainers.base import prepare_model
+from fastrlhf.trainers.metrics import timed_into
 
 BUILTIN_PROMPTS = "builtin:instructions"
 
@@ -267,22 +267,6 @@ def _policy_trainer(cfg: LoopConfig, policy, tokenizer, prompts, judge, out_dir:
     return OnlineDPOTrainer(policy, tokenizer, load_rows(rows), judge, cfg.dpo.replace(**common))
 
 
-class _PhaseTimer:
-    """``with timer("sample"): ...`` adds the block's wall seconds to ``summary["seconds/sample"]``."""
-
-    def __init__(self, summary: dict):
-        self.summary = summary
-
-    @contextlib.contextmanager
-    def __call__(self, phase: str):
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            key = f"seconds/{phase}"
-            self.summary[key] = self.summary.get(key, 0.0) + time.perf_counter() - t0
-
-
 def _append_jsonl(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
@@ -332,18 +316,18 @@ def run_loop(cfg: LoopConfig, *, resume: bool = False) -> dict:
     for r in range(len(done) + 1, cfg.rounds + 1):
         t0 = time.perf_counter()
         summary = {"round": r}
-        timer = _PhaseTimer(summary)
+        timer = functools.partial(timed_into, summary)  # where the round's time goes: seconds/<phase>
         round_dir = run_dir / f"round-{r:02d}"
         round_dir.mkdir(exist_ok=True)
         batch = [train_prompts[(r * cfg.pairs_per_round + i) % len(train_prompts)] for i in range(cfg.pairs_per_round)]
-        with timer("sample"):
+        with timer("seconds/sample"):
             answers = sample_answers(policy, tok, batch, cfg, seed=cfg.seed * 1000 + r)
         pairs = answer_pairs(answers, cfg.answers_per_prompt, every=True)
         if cfg.human:
-            with timer("human"):
+            with timer("seconds/human"):
                 summary.update(label_with_humans(store, *pairs, cfg, round_dir))
         if judge is not None:
-            with timer("label"):
+            with timer("seconds/label"):
                 summary.update(label_with_ai(store, judge, *pairs))
         rows = store.to_rows()
         summary["feedback_pairs"] = float(len(rows))
@@ -357,7 +341,7 @@ def run_loop(cfg: LoopConfig, *, resume: bool = False) -> dict:
             rm = RewardModel.from_causal_lm(policy, num_layers=cfg.rm_layers)  # the policy's trunk (adapters merged)
         rm_cfg = cfg.reward_model.replace(output_dir=str(round_dir / "reward_model"), progress=cfg.progress,
                                           seed=cfg.seed + r)
-        with timer("reward_model"):
+        with timer("seconds/reward_model"):
             rm_out = RewardTrainer(rm, tok, rows, rm_cfg).train()
         summary["rm_accuracy"] = rm_out.get("eval/accuracy", float("nan"))
         rm.eval()
@@ -365,16 +349,16 @@ def run_loop(cfg: LoopConfig, *, resume: bool = False) -> dict:
         if truth is not None:  # on pairs of the policy's own answers, as the round's labels are
             summary.update(evaluation.agreement(rm_judge, truth, *answer_pairs(current, k, every=True),
                                                 seed=cfg.seed).as_metrics("rm_true_accuracy"))
-        with timer("policy"):
+        with timer("seconds/policy"):
             trainer = _policy_trainer(cfg, policy, tok, train_prompts, rm_judge, round_dir / "policy")
             last = trainer.train()
         summary["train_reward"] = last.get("reward", float("nan"))
         if cfg.lora_r:
             save_lora(policy, round_dir / "policy_adapters")
-        with timer("evaluate"):
+        with timer("seconds/evaluate"):
             now = eval_answers(policy, tok, eval_prompts, cfg)
         summary["reward"] = float(rm_judge.score(now.prompts, now.completions).mean())
-        with timer("evaluate"):
+        with timer("seconds/evaluate"):
             summary["kl"] = policy_kl(policy, now, cfg.temperature) if cfg.lora_r else float("nan")
         summary["response_length"] = float(now.response_lengths.float().mean())
         compared = (now.prompts, now.completions, base_eval.completions)

@@ -30,7 +30,7 @@ from fastrlhf import ops
 from fastrlhf.config import Config, ConfigError, option
 from fastrlhf.models import apply_lora
 from fastrlhf.trainers import checkpoint as ckpt
-from fastrlhf.trainers.metrics import MetricsLogger
+from fastrlhf.trainers.metrics import MetricsLogger, timed_into
 
 Schedule = Literal["constant", "linear", "cosine"]
 
@@ -276,16 +276,9 @@ class Trainer:
     def autocast(self):
         return autocast(self.device, self.config.bf16)
 
-    @contextlib.contextmanager
     def timed(self, phase: str):
         """Accumulate wall time of ``phase`` into this step's ``time/<phase>`` metric."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.timings[phase] = self.timings.get(phase, 0.0) + time.perf_counter() - t0
+        return timed_into(self.timings, phase, cuda_sync=self.device.type == "cuda")
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip, step, zero the gradients, advance the schedule. -> ``grad_norm`` and ``lr``."""

@@ -7,12 +7,34 @@ has the same file as an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import time
 import warnings
 from pathlib import Path
 
 METRICS_FILE = "metrics.jsonl"
+
+
+@contextlib.contextmanager
+def timed_into(totals: dict, key: str, *, cuda_sync: bool = False):
+    """Add the block's wall seconds to ``totals[key]`` (summed over repeated blocks).
+
+    Args:
+        totals: the dict of running totals (a step's timings, a round's summary).
+        key: the entry to add to (created at 0.0).
+        cuda_sync: wait for queued CUDA work before reading the clock (GPU work is asynchronous).
+    """
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        if cuda_sync:
+            import torch
+
+            torch.cuda.synchronize()
+        totals[key] = totals.get(key, 0.0) + time.perf_counter() - t0
 
 
 def _scalar(v):
