@@ -357,8 +357,7 @@ def run_loop(cfg: LoopConfig, *, resume: bool = False) -> dict:
             save_lora(policy, round_dir / "policy_adapters")
         with timer("seconds/evaluate"):
             now = eval_answers(policy, tok, eval_prompts, cfg)
-        summary["reward"] = float(rm_judge.score(now.prompts, now.completions).mean())
-        with timer("seconds/evaluate"):
+            summary["reward"] = float(rm_judge.score(now.prompts, now.completions).mean())
             summary["kl"] = policy_kl(policy, now, cfg.temperature) if cfg.lora_r else float("nan")
         summary["response_length"] = float(now.response_lengths.float().mean())
         compared = (now.prompts, now.completions, base_eval.completions)

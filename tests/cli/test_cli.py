@@ -141,6 +141,10 @@ def test_loop_on_ai_feedback_then_plot(tmp_path, tiny_model_dir, capsys):
         assert rounds[-1][f"{key}/low"] <= rounds[-1][key] <= rounds[-1][f"{key}/high"], key
     assert rounds[-1]["win_rate/n"] == 3 * 4 * 4  # eval_prompts x eval_samples^2 comparisons
     assert rounds[1]["feedback_pairs"] > rounds[0]["feedback_pairs"]  # the store accumulates
+    phases = sorted(k for k in rounds[-1] if k.startswith("seconds/"))  # where each round's time went
+    assert phases == ["seconds/evaluate", "seconds/label", "seconds/policy", "seconds/reward_model", "seconds/sample"]
+    assert all(rounds[-1][k] > 0 for k in phases)
+    assert sum(rounds[-1][k] for k in phases) <= rounds[-1]["seconds"]
     assert (run / "report.md").exists() and (run / "samples.json").exists()
     # resume after the last completed round does nothing more; more rounds continue from it
     assert main(loop_args(tmp_path, tiny_model_dir, "--rounds", "3", "--resume")) == 0
@@ -170,7 +174,7 @@ def test_loop_with_a_human_labeling_round_through_a_pty(tmp_path, tiny_model_dir
     store = [json.loads(line) for line in (tmp_path / "loop" / "feedback.jsonl").read_text().splitlines()]
     assert len([r for r in store if r["type"] == "preference"]) == 4
     rounds = [json.loads(line) for line in (tmp_path / "loop" / "rounds.jsonl").read_text().splitlines()]
-    assert rounds[0]["human_labels"] == 4
+    assert rounds[0]["human_labels"] == 4 and rounds[0]["seconds/human"] > 0
 
 
 def test_sigint_leaves_a_resumable_checkpoint(tmp_path, tiny_model_dir):
